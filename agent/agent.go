@@ -1,0 +1,186 @@
+// Package agent is the DaemonSet process: it connects to the API server,
+// builds the ONE shared informer cache (package cluster), hands each enabled
+// component only the informers it reads, runs the components under a
+// supervisor, and serves /healthz, /readyz and /metrics on a node-local port.
+//
+//	             +------------------ agent ------------------+
+//	API server ->| cluster.Cache (slim objects, one factory) |
+//	             |   |         |        |        |       |   |
+//	             |  cni     overlay   proxy     dns   ingress|-> kernel / servers
+//	             |   (each: change tracker -> one sync loop) |
+//	             +-------------------------------------------+
+//
+// Stopping the agent (SIGTERM) cancels every component and waits for them;
+// no component removes kernel state on the way out, so established
+// connections and Services keep working while the agent restarts.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"knit.dev/knit/cluster"
+)
+
+// Config is what the agent is told on its command line.
+type Config struct {
+	NodeName   string
+	Kubeconfig string // empty: in-cluster service account
+
+	ClusterCIDRs  []netip.Prefix
+	ServiceCIDRs  []netip.Prefix
+	ClusterDNS    []netip.Addr
+	ClusterDomain string
+
+	// HealthAddr serves /healthz, /readyz and /metrics.
+	HealthAddr string
+
+	// Enabled lists the components to run, by Name.
+	Enabled map[string]bool
+
+	StateDir   string // survives reboots: IPAM store
+	RunDir     string // cleared on reboot: node network config for the CNI plugin
+	CNIConfDir string
+	CNIBinDir  string
+
+	// Per-component settings, parsed from flags by package command.
+	Component ComponentConfig
+}
+
+// Agent is a running knit agent.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	reg   *prometheus.Registry
+	conn  *cluster.Connection
+	cache *cluster.Cache
+	sup   *supervisor
+	comps []Component
+}
+
+// New connects to the API server and builds the enabled components. Nothing
+// is started until Run.
+func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	if cfg.NodeName == "" {
+		return nil, errors.New("node name is required (--node-name or NODE_NAME)")
+	}
+	conn, err := cluster.Connect(cfg.Kubeconfig, log)
+	if err != nil {
+		return nil, fmt.Errorf("API client: %w", err)
+	}
+	return newWithConnection(cfg, conn, log)
+}
+
+func newWithConnection(cfg Config, conn *cluster.Connection, log *slog.Logger) (*Agent, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a := &Agent{
+		cfg:   cfg,
+		log:   log,
+		reg:   reg,
+		conn:  conn,
+		cache: cluster.New(conn.Client, 0, log),
+		sup:   newSupervisor(log, reg),
+	}
+	for _, b := range builders {
+		if !cfg.Enabled[b.name] {
+			continue
+		}
+		c, err := b.build(a)
+		if err != nil {
+			return nil, fmt.Errorf("component %s: %w", b.name, err)
+		}
+		a.comps = append(a.comps, c)
+	}
+	return a, nil
+}
+
+// Run starts the cache, the components and the health server, and blocks
+// until ctx is done and everything has stopped.
+func (a *Agent) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", a.cfg.HealthAddr)
+	if err != nil {
+		return fmt.Errorf("health listener: %w", err)
+	}
+	srv := &http.Server{Handler: a.healthMux(), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("health server", "err", err)
+		}
+	}()
+	a.log.Info("agent starting", "node", a.cfg.NodeName, "components", a.componentNames(), "health", ln.Addr().String())
+
+	// Components created their informers in New; start them all at once.
+	a.cache.Start(ctx)
+	a.sup.run(ctx, a.comps)
+
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdownCtx)
+	a.cache.Shutdown()
+	a.log.Info("agent stopped; data plane left in place")
+	return nil
+}
+
+func (a *Agent) componentNames() []string {
+	var names []string
+	for _, c := range a.comps {
+		names = append(names, c.Name())
+	}
+	return names
+}
+
+func (a *Agent) healthMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		// Liveness: the process answers. It deliberately does not depend on
+		// the API server or on component readiness: restarting the agent
+		// because the API server is down would help nothing.
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		notReady := a.notReady()
+		if len(notReady) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "not ready: %s\n", strings.Join(notReady, ", "))
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{Registry: a.reg}))
+	return mux
+}
+
+// notReady lists the enabled components that are not Ready, sorted.
+func (a *Agent) notReady() []string {
+	var out []string
+	for _, c := range a.comps {
+		ok := c.Ready()
+		v := 0.0
+		if ok {
+			v = 1
+		}
+		a.sup.up.WithLabelValues(c.Name()).Set(v)
+		if !ok {
+			name := c.Name()
+			if e := a.sup.lastError(name); e != "" {
+				name += " (last error: " + e + ")"
+			}
+			out = append(out, name)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
