@@ -1,0 +1,79 @@
+// Package proxy is knit's service proxy (it replaces kube-proxy). It owns one
+// nftables table, "knit-proxy" (family inet, so IPv4 and IPv6 share it), and
+// nothing else in the kernel except the conntrack entries of UDP Services it
+// deletes when their endpoints go away.
+//
+// # Data flow
+//
+//	shared informers (Services, EndpointSlices, this Node)
+//	    │  event handlers only convert and record (previous, current)
+//	    ▼
+//	serviceTracker / endpointTracker   (changes that cancel out are dropped)
+//	    │  checkout, at most once per MinSyncPeriod, by ONE sync goroutine
+//	    ▼
+//	state (all Services, endpoints per port and family, node topology)
+//	    │  render: each changed Service → its chains, affinity sets and
+//	    │  elements in the shared verdict maps
+//	    ▼
+//	nftBackend: one knftables.Transaction
+//	    partial sync: only what the changed Services' renders changed
+//	    full sync (first, every SyncPeriod, after any failure): everything,
+//	        chains and maps flushed and refilled inside the transaction
+//	    ▼
+//	kernel; then health check servers and stale UDP conntrack cleanup
+//
+// Nothing is applied before the informers have synced, and the table is
+// never deleted: a restart replaces its contents in one atomic transaction.
+//
+// # Packet flow
+//
+// Lookups go through verdict maps keyed on (address, protocol, port), so a
+// new connection costs the same with 10 Services or 10,000:
+//
+//	prerouting / output (nat, dstnat)
+//	  services:
+//	    ClusterIP from outside the cluster CIDRs ─► mark for masquerade
+//	    @service-ips-vX      {ip . proto . port : goto <chain>}
+//	    @service-nodeports-vX (local, non-loopback daddr) {proto . port : goto external-…}
+//	        │
+//	        ├─► service-vX-ns/name/proto/port   policy Cluster: numgen random → DNAT
+//	        ├─► local-vX-ns/name/proto/port     policy Local: local endpoints only
+//	        └─► external-vX-ns/name/proto/port  ExternalIPs, LoadBalancer IPs, NodePorts:
+//	                Cluster: mark for masquerade, goto service-…
+//	                Local:   pods and the node itself → service-… (host traffic
+//	                         masqueraded); others → local-… (client IP kept)
+//	          with sessionAffinity ClientIP: ip saddr @affinity-… → endpoint-…
+//	          chain, which refreshes the client in the set (timeout) and DNATs.
+//
+//	input / forward / output (filter), new connections only
+//	  service-endpoints-check: @no-endpoint-services-vX → reject (TCP reset,
+//	      ICMP unreachable) when a Service has no endpoint at all, drop when
+//	      only a Local policy leaves this node without one
+//	  nodeport-endpoints-check (input): @no-endpoint-nodeports-vX, same
+//	  cluster-ips-check (forward, output): a ClusterIP on an undefined port is
+//	      rejected; an address in the service CIDRs that is no Service is dropped
+//
+//	postrouting (nat, srcnat)
+//	  masquerading:
+//	    mark set? → clear the mark, masquerade
+//	    DNATed to a local endpoint that is also the source → masquerade (hairpin)
+//
+// The mark is cleared in the same rule that masquerades: a packet that then
+// leaves through the VXLAN device is encapsulated with the inner packet's
+// mark, and an outer UDP packet still carrying it would be masqueraded a
+// second time (kubernetes #88986 and PR #92035: the trigger of the "63
+// second delay" checksum bug). The outer packet's own conntrack entry is
+// never DNATed, so the hairpin rule cannot match it either.
+//
+// Endpoints are chosen as kube-proxy chooses them: Ready ones, narrowed by
+// topology hints (trafficDistribution PreferSameNode / PreferSameZone) when
+// the hints cover this node; Serving-and-Terminating ones only when no
+// endpoint is Ready; internalTrafficPolicy / externalTrafficPolicy Local use
+// endpoints on this node only. Headless and ExternalName Services get no
+// rules. Services whose ClusterIP is in Config.LocalServiceIPs (the cluster
+// DNS, answered by knit on every node) get no rules for that ClusterIP.
+//
+// Chain and set names are readable: "service-v4-default/web/tcp/http"; an
+// unnamed port is "_". They are hashed only if longer than nft allows, which
+// Kubernetes' own name limits rule out.
+package proxy

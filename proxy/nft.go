@@ -1,0 +1,444 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/knftables"
+)
+
+// state is the desired state a backend programs: the sync goroutine owns
+// it, backends only read it.
+type state struct {
+	services  map[types.NamespacedName]*serviceInfo
+	endpoints map[types.NamespacedName]map[epKey][]endpoint
+	topo      topology
+	static    *staticConfig
+}
+
+// syncResult is what a sync reports for metrics.
+type syncResult struct {
+	rules, elements int
+	// elementsBy counts elements per map/set.
+	elementsBy map[string]int
+	noLocal    int
+}
+
+// staleChainDelay: a chain can only be deleted once nothing references it,
+// and on kernels before 6.2 a map element's reference is released a moment
+// after the element is deleted. So removed chains are flushed at once and
+// deleted by a later sync (kube-proxy does the same).
+const staleChainDelay = time.Second
+
+// nftBackend renders the state into the knit-proxy table.
+//
+// It remembers what it applied: the render of every Service and the owner
+// of every map/set element. A partial sync re-renders only the changed
+// Services and sends the difference; a full sync sends everything in one
+// transaction that replaces the table's contents atomically (chains and
+// maps are flushed and refilled inside the transaction, so there is no
+// moment without rules, and no lookup of what is in the kernel other than
+// the names of chains and sets, to find leftovers).
+type nftBackend struct {
+	nft knftables.Interface
+	log *slog.Logger
+
+	// applied state, valid while !dirty.
+	renders map[types.NamespacedName]*svcRender
+	// claims: element id -> Services wanting it (usually one). The first
+	// claimant in name order owns the element; others are conflicts.
+	claims  map[string][]claim
+	applied map[string]element // element id -> element in the kernel
+	// stale: service chains flushed and waiting to be deleted.
+	stale map[string]time.Time
+	// resetBaseChains: the first full sync of a process deletes and
+	// re-creates the base chains in its transaction so that a new version
+	// may change their hook or priority.
+	resetBaseChains bool
+	staticRules     int
+	staticElems     []element
+}
+
+type claim struct {
+	svc types.NamespacedName
+	el  element
+}
+
+func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
+	return &nftBackend{
+		nft:             nft,
+		log:             log,
+		renders:         map[types.NamespacedName]*svcRender{},
+		claims:          map[string][]claim{},
+		applied:         map[string]element{},
+		stale:           map[string]time.Time{},
+		resetBaseChains: true,
+	}
+}
+
+// renderer returns the per-sync render settings.
+func rendererFor(st *state) *renderer {
+	return &renderer{masqMark: st.static.masqMark, clusterCIDRs: st.static.clusterCIDRs, topo: st.topo}
+}
+
+// deleteStale deletes chains flushed at least staleChainDelay ago, in a
+// transaction of its own: if it fails, nothing else is lost, and the next
+// full sync finds the chains again.
+func (b *nftBackend) deleteStale(ctx context.Context, now time.Time) (pending bool) {
+	tx := b.nft.NewTransaction()
+	n := 0
+	for name, t := range b.stale {
+		if now.Sub(t) >= staleChainDelay {
+			tx.Delete(&knftables.Chain{Name: name})
+			delete(b.stale, name)
+			n++
+		}
+	}
+	if n > 0 {
+		if err := b.nft.Run(ctx, tx); err != nil {
+			b.log.Warn("deleting stale chains failed; a later full sync retries", "chains", n, "err", err)
+		}
+	}
+	return len(b.stale) > 0
+}
+
+// sync programs st. changed lists the Services to re-render in a partial
+// sync; full re-renders and re-sends everything.
+func (b *nftBackend) sync(ctx context.Context, st *state, changed map[types.NamespacedName]bool, full bool) (syncResult, error) {
+	now := time.Now()
+	b.deleteStale(ctx, now)
+	r := rendererFor(st)
+	if full {
+		return b.fullSync(ctx, st, r, now)
+	}
+	return b.partialSync(ctx, st, r, changed, now)
+}
+
+func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now time.Time) (syncResult, error) {
+	// Names of chains and sets already in the table, to flush leftovers
+	// (from removed Services, or from before a restart). A missing table is
+	// simply empty.
+	existingChains, err := b.nft.List(ctx, "chains")
+	if err != nil && !knftables.IsNotFound(err) {
+		return syncResult{}, fmt.Errorf("list chains: %w", err)
+	}
+	existingSets, err := b.nft.List(ctx, "sets")
+	if err != nil && !knftables.IsNotFound(err) {
+		return syncResult{}, fmt.Errorf("list sets: %w", err)
+	}
+
+	renders := make(map[types.NamespacedName]*svcRender, len(st.services))
+	claims := make(map[string][]claim, len(st.services)*4)
+	for name, info := range st.services {
+		rd := r.renderService(name, info, st.endpoints[name])
+		renders[name] = rd
+		for _, el := range rd.elements {
+			id := el.id()
+			claims[id] = append(claims[id], claim{svc: name, el: el})
+		}
+	}
+
+	tx := b.nft.NewTransaction()
+	tx.Add(&knftables.Table{Comment: knftables.PtrTo("knit service proxy")})
+	sets, maps := staticSets()
+	for _, s := range sets {
+		tx.Add(s)
+		tx.Flush(s)
+	}
+	for _, m := range maps {
+		tx.Add(m)
+		tx.Flush(m)
+	}
+	if b.resetBaseChains {
+		for _, bc := range baseChains {
+			c := &knftables.Chain{Name: bc.name}
+			tx.Add(c)
+			tx.Delete(c)
+		}
+	}
+	for _, bc := range baseChains {
+		c := &knftables.Chain{Name: bc.name, Type: knftables.PtrTo(bc.typ), Hook: knftables.PtrTo(bc.hook), Priority: knftables.PtrTo(bc.priority)}
+		tx.Add(c)
+		tx.Flush(c)
+	}
+	static, staticElems := staticChains(st.static)
+	for _, c := range static {
+		tx.Add(&knftables.Chain{Name: c.name})
+		tx.Flush(&knftables.Chain{Name: c.name})
+	}
+	res := syncResult{elementsBy: map[string]int{}}
+	desiredChains := map[string]bool{}
+	desiredSets := map[string]bool{}
+	// Affinity sets and Service chains must exist before any rule or
+	// element refers to them. Affinity sets are not flushed: they hold
+	// the clients' current endpoint choices.
+	names := sortedNames(renders)
+	for _, name := range names {
+		rd := renders[name]
+		res.noLocal += rd.noLocal
+		for i := range rd.sets {
+			tx.Add(rd.sets[i].object())
+			desiredSets[rd.sets[i].name] = true
+		}
+		for _, c := range rd.chains {
+			tx.Add(&knftables.Chain{Name: c.name})
+			tx.Flush(&knftables.Chain{Name: c.name})
+			desiredChains[c.name] = true
+		}
+	}
+	for _, bc := range baseChains {
+		for _, rl := range bc.rules {
+			tx.Add(&knftables.Rule{Chain: bc.name, Rule: rl})
+			res.rules++
+		}
+	}
+	for _, c := range static {
+		res.rules += addRules(tx, c)
+	}
+	b.staticRules = res.rules
+	for _, name := range names {
+		for _, c := range renders[name].chains {
+			res.rules += addRules(tx, c)
+		}
+	}
+	applied := make(map[string]element, len(claims)+len(staticElems))
+	for _, el := range staticElems {
+		tx.Add(el.object())
+		applied[el.id()] = el
+	}
+	for id, cl := range claims {
+		el := b.winner(id, cl)
+		tx.Add(el.object())
+		applied[id] = el
+	}
+	for _, c := range existingChains {
+		if isServiceObject(c) && !desiredChains[c] {
+			tx.Flush(&knftables.Chain{Name: c})
+			if _, ok := b.stale[c]; !ok {
+				b.stale[c] = now
+			}
+		}
+	}
+	for _, s := range existingSets {
+		if strings.HasPrefix(s, prefixAffinity) && !desiredSets[s] {
+			tx.Delete(&knftables.Set{Name: s})
+		}
+	}
+	if err := b.nft.Run(ctx, tx); err != nil {
+		// The table is as before. Forget what we think is applied; the
+		// next sync is full again.
+		clear(b.stale)
+		return syncResult{}, fmt.Errorf("nftables full sync (%d operations): %w", tx.NumOperations(), err)
+	}
+	for c := range desiredChains {
+		delete(b.stale, c)
+	}
+	b.resetBaseChains = false
+	b.renders, b.claims, b.applied, b.staticElems = renders, claims, applied, staticElems
+	return b.result(res), nil
+}
+
+func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, changed map[types.NamespacedName]bool, now time.Time) (syncResult, error) {
+	tx := b.nft.NewTransaction()
+	newRenders := make(map[types.NamespacedName]*svcRender, len(changed))
+	touched := map[string]bool{}
+	var flushed, deletedSets []string
+	res := syncResult{elementsBy: map[string]int{}}
+	for name := range changed {
+		old := b.renders[name]
+		var rd *svcRender
+		if info := st.services[name]; info != nil {
+			rd = r.renderService(name, info, st.endpoints[name])
+		}
+		newRenders[name] = rd
+		oldChains := map[string][]rule{}
+		oldSets := map[string]bool{}
+		if old != nil {
+			for _, c := range old.chains {
+				oldChains[c.name] = c.rules
+			}
+			for _, s := range old.sets {
+				oldSets[s.name] = true
+			}
+			for _, el := range old.elements {
+				touched[el.id()] = true
+			}
+		}
+		if rd != nil {
+			for i := range rd.sets {
+				tx.Add(rd.sets[i].object()) // also updates a changed timeout
+				delete(oldSets, rd.sets[i].name)
+			}
+			for _, c := range rd.chains {
+				prev, ok := oldChains[c.name]
+				delete(oldChains, c.name)
+				if ok && slices.Equal(prev, c.rules) {
+					continue
+				}
+				tx.Add(&knftables.Chain{Name: c.name})
+				tx.Flush(&knftables.Chain{Name: c.name})
+				addRules(tx, c)
+				delete(b.stale, c.name)
+			}
+			for _, el := range rd.elements {
+				touched[el.id()] = true
+			}
+		}
+		for c := range oldChains {
+			flushed = append(flushed, c)
+		}
+		for s := range oldSets {
+			deletedSets = append(deletedSets, s)
+		}
+	}
+
+	// Elements: recompute the owner of every touched element.
+	newClaims := map[string][]claim{}
+	for id := range touched {
+		var cl []claim
+		for _, c := range b.claims[id] {
+			if !changed[c.svc] {
+				cl = append(cl, c)
+			}
+		}
+		newClaims[id] = cl
+	}
+	for name, rd := range newRenders {
+		if rd == nil {
+			continue
+		}
+		for _, el := range rd.elements {
+			id := el.id()
+			newClaims[id] = append(newClaims[id], claim{svc: name, el: el})
+		}
+	}
+	newApplied := map[string]*element{}
+	var adds []element
+	for id, cl := range newClaims {
+		cur, inKernel := b.applied[id]
+		if len(cl) == 0 {
+			if inKernel {
+				tx.Delete(cur.object())
+				newApplied[id] = nil
+			}
+			continue
+		}
+		want := b.winner(id, cl)
+		if inKernel && cur.value == want.value && cur.comment == want.comment {
+			continue
+		}
+		if inKernel {
+			tx.Delete(cur.object())
+		}
+		adds = append(adds, want)
+		newApplied[id] = &want
+	}
+	for _, el := range adds {
+		tx.Add(el.object())
+	}
+	slices.Sort(flushed)
+	for _, c := range flushed {
+		tx.Flush(&knftables.Chain{Name: c})
+	}
+	slices.Sort(deletedSets)
+	for _, s := range deletedSets {
+		tx.Delete(&knftables.Set{Name: s})
+	}
+	if tx.NumOperations() > 0 {
+		if err := b.nft.Run(ctx, tx); err != nil {
+			return syncResult{}, fmt.Errorf("nftables partial sync (%d operations): %w", tx.NumOperations(), err)
+		}
+	}
+	for _, c := range flushed {
+		b.stale[c] = now
+	}
+	for name, rd := range newRenders {
+		if rd == nil {
+			delete(b.renders, name)
+		} else {
+			b.renders[name] = rd
+		}
+	}
+	for id, cl := range newClaims {
+		if len(cl) == 0 {
+			delete(b.claims, id)
+		} else {
+			b.claims[id] = cl
+		}
+	}
+	for id, el := range newApplied {
+		if el == nil {
+			delete(b.applied, id)
+		} else {
+			b.applied[id] = *el
+		}
+	}
+	res.rules = b.staticRules
+	for _, rd := range b.renders {
+		res.noLocal += rd.noLocal
+		for _, c := range rd.chains {
+			res.rules += len(c.rules)
+		}
+	}
+	return b.result(res), nil
+}
+
+// winner picks the claimant that owns an element: the first Service in
+// name order. Two Services claiming one address and port is a user error
+// (for example the same externalIP); it is logged, not fatal.
+func (b *nftBackend) winner(id string, cl []claim) element {
+	w := cl[0]
+	for _, c := range cl[1:] {
+		if c.svc.String() < w.svc.String() {
+			w = c
+		}
+	}
+	if len(cl) > 1 {
+		for _, c := range cl {
+			if c.el.value != w.el.value {
+				b.log.Warn("Services claim the same address and port; the first by name wins",
+					"element", id, "winner", w.svc.String(), "other", c.svc.String())
+				break
+			}
+		}
+	}
+	return w.el
+}
+
+func (b *nftBackend) result(res syncResult) syncResult {
+	res.elements = len(b.applied)
+	for _, el := range b.applied {
+		res.elementsBy[el.container]++
+	}
+	return res
+}
+
+func addRules(tx *knftables.Transaction, c chain) int {
+	for _, rl := range c.rules {
+		r := &knftables.Rule{Chain: c.name, Rule: rl.text}
+		if rl.comment != "" {
+			r.Comment = knftables.PtrTo(rl.comment)
+		}
+		tx.Add(r)
+	}
+	return len(c.rules)
+}
+
+func sortedNames[V any](m map[types.NamespacedName]V) []types.NamespacedName {
+	names := make([]types.NamespacedName, 0, len(m))
+	for n := range m {
+		names = append(names, n)
+	}
+	slices.SortFunc(names, func(a, b types.NamespacedName) int {
+		if c := strings.Compare(a.Namespace, b.Namespace); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
+	return names
+}

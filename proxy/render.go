@@ -1,0 +1,484 @@
+package proxy
+
+import (
+	"crypto/sha256"
+	"encoding/base32"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/knftables"
+)
+
+// Names in the knit-proxy table. Containers that hold addresses exist once
+// per family (suffix -v4/-v6) because an nft set has one key type; the
+// base chains and helper chains are shared by both families.
+const (
+	tableName = "knit-proxy"
+
+	chainNatPrerouting  = "nat-prerouting"
+	chainNatOutput      = "nat-output"
+	chainNatPostrouting = "nat-postrouting"
+	chainFilterInput    = "filter-input"
+	chainFilterForward  = "filter-forward"
+	chainFilterOutput   = "filter-output"
+
+	chainServices         = "services"
+	chainMasquerading     = "masquerading"
+	chainServiceEPCheck   = "service-endpoints-check"
+	chainNodePortEPCheck  = "nodeport-endpoints-check"
+	chainClusterIPsCheck  = "cluster-ips-check"
+	chainReject           = "reject-chain"
+	mapServiceIPs         = "service-ips"
+	mapServiceNodePorts   = "service-nodeports"
+	mapNoEPServices       = "no-endpoint-services"
+	mapNoEPNodePorts      = "no-endpoint-nodeports"
+	setClusterIPs         = "cluster-ips"
+	setNodePortIPs        = "nodeport-ips"
+	setHairpin            = "hairpin-connections"
+	setLocalServiceIPs    = "local-service-ips"
+	prefixCluster         = "service-"
+	prefixLocal           = "local-"
+	prefixExternal        = "external-"
+	prefixEndpoint        = "endpoint-"
+	prefixAffinity        = "affinity-"
+	commentMasquerade     = "masquerade"
+	commentShortCircuitPd = "short-circuit pod traffic"
+)
+
+// perFamily names a container of one family: "service-ips-v4".
+func perFamily(name string, f family) string { return name + "-" + f.String() }
+
+// baseChains are hooked into netfilter; see the package doc for the flow.
+var baseChains = []struct {
+	name     string
+	typ      knftables.BaseChainType
+	hook     knftables.BaseChainHook
+	priority knftables.BaseChainPriority
+	rules    []string
+}{
+	{chainFilterInput, knftables.FilterType, knftables.InputHook, knftables.FilterPriority,
+		[]string{"ct state new jump " + chainNodePortEPCheck, "ct state new jump " + chainServiceEPCheck}},
+	{chainFilterForward, knftables.FilterType, knftables.ForwardHook, knftables.FilterPriority,
+		[]string{"ct state new jump " + chainServiceEPCheck, "ct state new jump " + chainClusterIPsCheck}},
+	{chainFilterOutput, knftables.FilterType, knftables.OutputHook, knftables.FilterPriority,
+		[]string{"ct state new jump " + chainServiceEPCheck, "ct state new jump " + chainClusterIPsCheck}},
+	{chainNatPrerouting, knftables.NATType, knftables.PreroutingHook, knftables.DNATPriority,
+		[]string{"jump " + chainServices}},
+	{chainNatOutput, knftables.NATType, knftables.OutputHook, knftables.DNATPriority,
+		[]string{"jump " + chainServices}},
+	{chainNatPostrouting, knftables.NATType, knftables.PostroutingHook, knftables.SNATPriority,
+		[]string{"jump " + chainMasquerading}},
+}
+
+// element is one set or map element a render asks for.
+type element struct {
+	container string
+	key       []string
+	value     string // verdict for maps, "" for sets
+	comment   string
+}
+
+func (e *element) id() string { return e.container + " " + strings.Join(e.key, " . ") }
+
+func (e *element) object() *knftables.Element {
+	o := &knftables.Element{Key: e.key}
+	if e.value == "" {
+		o.Set = e.container
+	} else {
+		o.Map = e.container
+		o.Value = []string{e.value}
+	}
+	if e.comment != "" {
+		c := e.comment
+		o.Comment = &c
+	}
+	return o
+}
+
+type chain struct {
+	name  string
+	rules []rule
+}
+
+type rule struct {
+	text    string
+	comment string
+}
+
+type affinitySet struct {
+	name    string
+	family  family
+	timeout time.Duration
+}
+
+func (a *affinitySet) object() *knftables.Set {
+	t := a.timeout
+	return &knftables.Set{
+		Name:    a.name,
+		Type:    a.family.addrType(),
+		Flags:   []knftables.SetFlag{knftables.DynamicFlag, knftables.TimeoutFlag},
+		Timeout: &t,
+	}
+}
+
+// svcRender is everything one Service contributes to the table: its own
+// chains and affinity sets, and its elements in the shared maps and sets.
+type svcRender struct {
+	chains   []chain
+	sets     []affinitySet
+	elements []element
+	// noLocal counts ports that drop external traffic for lack of a local
+	// endpoint (metrics only).
+	noLocal int
+}
+
+// renderer holds what every render needs besides the Service itself.
+type renderer struct {
+	masqMark     string // "0x4000"
+	clusterCIDRs map[family]string
+	topo         topology
+}
+
+func (r *renderer) masqRule() string { return "mark set mark or " + r.masqMark }
+
+// chainBase is "namespace/name/protocol/port" ("_" for an unnamed port):
+// readable, and unique because Kubernetes names never contain "/" or "_".
+func chainBase(svc types.NamespacedName, sp *servicePort) string {
+	port := sp.name
+	if port == "" {
+		port = "_"
+	}
+	return svc.Namespace + "/" + svc.Name + "/" + sp.proto + "/" + port
+}
+
+// chainName builds a chain or set name, hashing only when the readable one
+// would exceed nft's limit (it cannot with Kubernetes' own name limits).
+func chainName(prefix string, f family, base string) string {
+	n := prefix + f.String() + "-" + base
+	if len(n) <= knftables.NameLengthMax {
+		return n
+	}
+	h := sha256.Sum256([]byte(n))
+	hash := base32.StdEncoding.EncodeToString(h[:])[:8]
+	return n[:knftables.NameLengthMax-12] + "..." + hash
+}
+
+func endpointBase(base string, e *endpoint) string {
+	return base + "__" + strings.ReplaceAll(e.addr.String(), ":", ".") + "/" + strconv.Itoa(int(e.port))
+}
+
+// isServiceObject tells the table's per-Service chains and sets (all named
+// with "/") from the fixed ones.
+func isServiceObject(name string) bool { return strings.Contains(name, "/") }
+
+// renderService renders all ports of one Service. The logic follows
+// kube-proxy's nftables proxier; see the package doc for the chains.
+func (r *renderer) renderService(name types.NamespacedName, info *serviceInfo, eps map[epKey][]endpoint) *svcRender {
+	out := &svcRender{}
+	for i := range info.ports {
+		sp := &info.ports[i]
+		if sp.nodeLocal {
+			// A process on this node answers this ClusterIP itself (the
+			// node-local DNS): no DNAT, no reject, not in cluster-ips.
+			continue
+		}
+		r.renderPort(out, name, sp, eps[epKey{portKey: sp.portKey, family: sp.family}])
+	}
+	return out
+}
+
+func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *servicePort, eps []endpoint) {
+	f := sp.family
+	ipX := f.ipX()
+	proto := sp.proto
+	port := strconv.Itoa(int(sp.port))
+	base := chainBase(svc, sp)
+	comment := svc.Namespace + "/" + svc.Name + ":" + sp.name
+	clusterChain := chainName(prefixCluster, f, base)
+	localChain := chainName(prefixLocal, f, base)
+	externalChain := chainName(prefixExternal, f, base)
+
+	es := categorize(eps, sp, r.topo)
+	affinity := sp.sticky > 0
+
+	for i := range es.reachable {
+		e := &es.reachable[i]
+		if e.local {
+			// A local endpoint may connect to its own Service and be picked:
+			// masquerade so the reply comes back through us (hairpin).
+			a := e.addr.String()
+			out.elements = append(out.elements, element{
+				container: perFamily(setHairpin, f),
+				key:       []string{a, a, proto, strconv.Itoa(int(e.port))},
+			})
+		}
+	}
+
+	usesCluster := len(es.cluster) > 0 && sp.usesClusterEndpoints()
+	usesLocal := len(es.local) > 0 && sp.usesLocalEndpoints()
+
+	internalChain, hasInternal := clusterChain, es.any
+	if sp.intLocal {
+		internalChain, hasInternal = localChain, len(es.local) > 0
+	}
+	externalPolicyChain, hasExternal := clusterChain, es.any
+	if sp.extLocal {
+		externalPolicyChain, hasExternal = localChain, len(es.local) > 0
+	}
+	usesExternal := es.any && sp.externallyAccessible()
+
+	var intVerdict, extVerdict string
+	if !es.any {
+		intVerdict, extVerdict = "goto "+chainReject, "goto "+chainReject
+	} else {
+		if !hasInternal {
+			intVerdict = "drop"
+		}
+		if !hasExternal {
+			extVerdict = "drop"
+			out.noLocal++
+		}
+	}
+
+	cip := sp.clusterIP.String()
+	out.elements = append(out.elements, element{container: perFamily(setClusterIPs, f), key: []string{cip}})
+	if hasInternal {
+		out.elements = append(out.elements, element{
+			container: perFamily(mapServiceIPs, f), key: []string{cip, proto, port}, value: "goto " + internalChain,
+		})
+	} else {
+		out.elements = append(out.elements, element{
+			container: perFamily(mapNoEPServices, f), key: []string{cip, proto, port}, value: intVerdict, comment: comment,
+		})
+	}
+	for _, list := range [][]netip.Addr{sp.externalIPs, sp.lbIPs} {
+		for _, a := range list {
+			k := []string{a.String(), proto, port}
+			if usesExternal {
+				out.elements = append(out.elements, element{
+					container: perFamily(mapServiceIPs, f), key: k, value: "goto " + externalChain,
+				})
+			}
+			if !hasExternal {
+				out.elements = append(out.elements, element{
+					container: perFamily(mapNoEPServices, f), key: k, value: extVerdict, comment: comment,
+				})
+			}
+		}
+	}
+	if sp.nodePort != 0 {
+		k := []string{proto, strconv.Itoa(int(sp.nodePort))}
+		if usesExternal {
+			out.elements = append(out.elements, element{
+				container: perFamily(mapServiceNodePorts, f), key: k, value: "goto " + externalChain,
+			})
+		}
+		if !hasExternal {
+			out.elements = append(out.elements, element{
+				container: perFamily(mapNoEPNodePorts, f), key: k, value: extVerdict, comment: comment,
+			})
+		}
+	}
+
+	if usesExternal {
+		ch := chain{name: externalChain}
+		if !sp.extLocal {
+			// Policy Cluster: the endpoint may be on another node, so the
+			// reply must come back here to be un-DNATed.
+			ch.rules = append(ch.rules, rule{text: r.masqRule(), comment: commentMasquerade})
+		} else if usesCluster {
+			// Policy Local keeps the client address. Pods and the node
+			// itself reaching an external address behave as if they went
+			// out to the load balancer and came back: policy Cluster.
+			if cidrs := r.clusterCIDRs[f]; cidrs != "" {
+				ch.rules = append(ch.rules, rule{
+					text: ipX + " saddr { " + cidrs + " } goto " + clusterChain, comment: commentShortCircuitPd,
+				})
+			}
+			ch.rules = append(ch.rules,
+				rule{text: "fib saddr type local " + r.masqRule(), comment: "masquerade local traffic"},
+				rule{text: "fib saddr type local goto " + clusterChain, comment: "short-circuit local traffic"},
+			)
+		}
+		if hasExternal {
+			ch.rules = append(ch.rules, rule{text: "goto " + externalPolicyChain})
+		}
+		out.chains = append(out.chains, ch)
+	}
+
+	if affinity {
+		for i := range es.reachable {
+			e := &es.reachable[i]
+			eb := endpointBase(base, e)
+			set := chainName(prefixAffinity, f, eb)
+			out.sets = append(out.sets, affinitySet{name: set, family: f, timeout: sp.sticky})
+			out.chains = append(out.chains, chain{name: chainName(prefixEndpoint, f, eb), rules: []rule{
+				{text: "update @" + set + " { " + ipX + " saddr }"},
+				{text: "meta l4proto " + proto + " dnat " + ipX + " to " + e.hostPort()},
+			}})
+		}
+	}
+	if usesCluster {
+		out.chains = append(out.chains, r.policyChain(clusterChain, base, sp, es.cluster))
+	}
+	if usesLocal {
+		out.chains = append(out.chains, r.policyChain(localChain, base, sp, es.local))
+	}
+}
+
+// policyChain picks one of eps at random (numgen) and DNATs to it, or with
+// ClientIP affinity first sends clients seen recently to their endpoint.
+// Per-packet cost is one map lookup whatever the endpoint count.
+func (r *renderer) policyChain(name, base string, sp *servicePort, eps []endpoint) chain {
+	f := sp.family
+	ipX := f.ipX()
+	ch := chain{name: name}
+	if sp.sticky > 0 {
+		var vmap strings.Builder
+		for i := range eps {
+			eb := endpointBase(base, &eps[i])
+			epChain := chainName(prefixEndpoint, f, eb)
+			ch.rules = append(ch.rules, rule{
+				text: ipX + " saddr @" + chainName(prefixAffinity, f, eb) + " goto " + epChain,
+			})
+			if i > 0 {
+				vmap.WriteString(", ")
+			}
+			fmt.Fprintf(&vmap, "%d : goto %s", i, epChain)
+		}
+		ch.rules = append(ch.rules, rule{
+			text: fmt.Sprintf("numgen random mod %d vmap { %s }", len(eps), vmap.String()),
+		})
+		return ch
+	}
+	if len(eps) == 1 {
+		ch.rules = []rule{{text: "meta l4proto " + sp.proto + " dnat " + ipX + " to " + eps[0].hostPort()}}
+		return ch
+	}
+	var m strings.Builder
+	fmt.Fprintf(&m, "meta l4proto %s dnat %s addr . port to numgen random mod %d map { ", sp.proto, ipX, len(eps))
+	for i := range eps {
+		if i > 0 {
+			m.WriteString(", ")
+		}
+		fmt.Fprintf(&m, "%d : %s . %d", i, eps[i].addr, eps[i].port)
+	}
+	m.WriteString(" }")
+	ch.rules = []rule{{text: m.String()}}
+	return ch
+}
+
+// staticConfig is what the fixed part of the table depends on.
+type staticConfig struct {
+	masqMark     string
+	clusterCIDRs map[family]string
+	serviceCIDRs map[family]string
+	// nodePortIPs: nil means every local address accepts NodePorts.
+	nodePortIPs     map[family][]netip.Addr
+	localServiceIPs map[family][]netip.Addr
+}
+
+// staticSets returns the fixed sets and maps of the table.
+func staticSets() (sets []*knftables.Set, maps []*knftables.Map) {
+	for _, f := range []family{v4, v6} {
+		a := f.addrType()
+		maps = append(maps,
+			&knftables.Map{Name: perFamily(mapServiceIPs, f), Type: a + " . inet_proto . inet_service : verdict",
+				Comment: knftables.PtrTo("ClusterIP, ExternalIP and LoadBalancer IP traffic")},
+			&knftables.Map{Name: perFamily(mapServiceNodePorts, f), Type: "inet_proto . inet_service : verdict",
+				Comment: knftables.PtrTo("NodePort traffic")},
+			&knftables.Map{Name: perFamily(mapNoEPServices, f), Type: a + " . inet_proto . inet_service : verdict",
+				Comment: knftables.PtrTo("Service addresses without usable endpoints: reject or drop")},
+			&knftables.Map{Name: perFamily(mapNoEPNodePorts, f), Type: "inet_proto . inet_service : verdict",
+				Comment: knftables.PtrTo("NodePorts without usable endpoints: reject or drop")},
+		)
+		sets = append(sets,
+			&knftables.Set{Name: perFamily(setClusterIPs, f), Type: a, Comment: knftables.PtrTo("active ClusterIPs")},
+			&knftables.Set{Name: perFamily(setNodePortIPs, f), Type: a, Comment: knftables.PtrTo("node addresses that accept NodePorts")},
+			&knftables.Set{Name: perFamily(setHairpin, f), Type: a + " . " + a + " . inet_proto . inet_service",
+				Comment: knftables.PtrTo("local endpoints: a connection to itself through its Service")},
+			&knftables.Set{Name: perFamily(setLocalServiceIPs, f), Type: a,
+				Comment: knftables.PtrTo("Service IPs answered by a process on this node")},
+		)
+	}
+	return sets, maps
+}
+
+// staticChains renders the fixed regular chains (base chains are in
+// baseChains) and the fixed elements.
+func staticChains(c *staticConfig) ([]chain, []element) {
+	masq := "mark set mark or " + c.masqMark
+	services := chain{name: chainServices}
+	masquerading := chain{name: chainMasquerading, rules: []rule{{
+		// Clear the mark before masquerading: a packet leaving through the
+		// VXLAN device is encapsulated with the inner packet's mark, and
+		// an outer UDP packet still carrying the mark would be NATed a
+		// second time (kubernetes #88986, fixed by #92035).
+		text: "mark and " + c.masqMark + " != 0 mark set mark xor " + c.masqMark + " masquerade fully-random",
+	}}}
+	svcCheck := chain{name: chainServiceEPCheck}
+	npCheck := chain{name: chainNodePortEPCheck}
+	cipCheck := chain{name: chainClusterIPsCheck}
+	reject := chain{name: chainReject, rules: []rule{
+		{text: "meta l4proto tcp reject with tcp reset"},
+		{text: "reject"},
+	}}
+	var elems []element
+	for _, f := range []family{v4, v6} {
+		ipX := f.ipX()
+		loopback := "127.0.0.0/8"
+		if f == v6 {
+			loopback = "::1"
+		}
+		if cidrs := c.clusterCIDRs[f]; cidrs != "" {
+			services.rules = append(services.rules, rule{
+				text:    ipX + " daddr @" + perFamily(setClusterIPs, f) + " " + ipX + " saddr != { " + cidrs + " } " + masq,
+				comment: "masquerade ClusterIP traffic from outside the cluster",
+			})
+		}
+		services.rules = append(services.rules, rule{
+			text: ipX + " daddr . meta l4proto . th dport vmap @" + perFamily(mapServiceIPs, f),
+		})
+		if c.nodePortIPs == nil {
+			services.rules = append(services.rules, rule{
+				text: "fib daddr type local " + ipX + " daddr != " + loopback + " meta l4proto . th dport vmap @" + perFamily(mapServiceNodePorts, f),
+			})
+			npCheck.rules = append(npCheck.rules, rule{
+				text: ipX + " daddr != " + loopback + " meta l4proto . th dport vmap @" + perFamily(mapNoEPNodePorts, f),
+			})
+		} else {
+			services.rules = append(services.rules, rule{
+				text: ipX + " daddr @" + perFamily(setNodePortIPs, f) + " meta l4proto . th dport vmap @" + perFamily(mapServiceNodePorts, f),
+			})
+			npCheck.rules = append(npCheck.rules, rule{
+				text: ipX + " daddr @" + perFamily(setNodePortIPs, f) + " meta l4proto . th dport vmap @" + perFamily(mapNoEPNodePorts, f),
+			})
+			for _, a := range c.nodePortIPs[f] {
+				elems = append(elems, element{container: perFamily(setNodePortIPs, f), key: []string{a.String()}})
+			}
+		}
+		masquerading.rules = append(masquerading.rules, rule{
+			text: "ct status dnat " + ipX + " saddr . " + ipX + " daddr . meta l4proto . th dport @" + perFamily(setHairpin, f) + " masquerade fully-random",
+		})
+		svcCheck.rules = append(svcCheck.rules, rule{
+			text: ipX + " daddr . meta l4proto . th dport vmap @" + perFamily(mapNoEPServices, f),
+		})
+		cipCheck.rules = append(cipCheck.rules,
+			rule{text: ipX + " daddr @" + perFamily(setLocalServiceIPs, f) + " return", comment: "answered on this node"},
+			rule{text: ipX + " daddr @" + perFamily(setClusterIPs, f) + " goto " + chainReject, comment: "reject traffic to undefined ports of ClusterIPs"},
+		)
+		if cidrs := c.serviceCIDRs[f]; cidrs != "" {
+			cipCheck.rules = append(cipCheck.rules, rule{
+				text: ipX + " daddr { " + cidrs + " } drop", comment: "drop traffic to unallocated ClusterIPs",
+			})
+		}
+		for _, a := range c.localServiceIPs[f] {
+			elems = append(elems, element{container: perFamily(setLocalServiceIPs, f), key: []string{a.String()}})
+		}
+	}
+	return []chain{services, masquerading, svcCheck, npCheck, cipCheck, reject}, elems
+}
