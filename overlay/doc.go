@@ -1,0 +1,41 @@
+// Package overlay owns cross-node pod connectivity: the VXLAN devices
+// knit-vx4/knit-vx6, their FDB and neighbour entries, the routes to every
+// peer's podCIDR (tagged "proto 75"), the nftables table knit-overlay
+// (egress masquerade), and this node's overlay.knit.dev/* annotations.
+//
+// Data flow (one way, level-triggered):
+//
+//	Node informer --(handler: drop heartbeat-only updates)--> trigger (coalesced)
+//	    --> sync loop (at most every 100 ms, full resync every SyncPeriod,
+//	        backoff after a failure):
+//	          localNode (own podCIDRs, node IP -> underlay link, MTU)
+//	          render(every Node)       pure: desired devices/FDB/neigh/routes
+//	          reconciler.apply         dump kernel, diff, change only what differs
+//	          masq.sync                one nftables transaction, if the chain differs
+//	          publish <- annotations   separate goroutine patches our own Node
+//
+// What a peer with podCIDR 10.42.2.0/24, node IP 198.19.0.2 and VTEP MAC m
+// turns into on this node (the flannel scheme: the first address of each
+// podCIDR is that node's VTEP address, held as a /32 on its VXLAN device):
+//
+//	VXLAN:  bridge fdb: m dev knit-vx4 dst 198.19.0.2 self permanent
+//	        ip neigh:   10.42.2.0 dev knit-vx4 lladdr m PERMANENT
+//	        ip route:   10.42.2.0/24 via 10.42.2.0 dev knit-vx4 onlink proto 75
+//	direct: ip route:   10.42.2.0/24 via 198.18.0.2 dev eth0 proto 75
+//
+// and a pod packet to 10.42.2.7 travels:
+//
+//	pod -> cni0 -> route 10.42.2.0/24 -> knit-vx4 (dst MAC m from the neighbour
+//	entry) -> FDB: m is at 198.19.0.2 -> UDP 8472 over the underlay -> peer's
+//	knit-vx4 -> peer's cni0 -> pod
+//
+// The device is named after the underlay (outer) family and carries pod
+// traffic of both families, so IPv6 pods work over an IPv4 underlay. Peers
+// publish overlay.knit.dev/public-ip(-v6) and vtep-mac(-v6) on their own Node
+// objects; a peer whose data is missing or malformed is skipped (logged once,
+// knit_overlay_peers_skipped_total{reason}), never half-programmed.
+//
+// Nothing is torn down when Run returns: an agent restart, or an API server
+// outage (the informer cache keeps its last state), leaves traffic flowing,
+// and the first sync after a restart finds nothing to change.
+package overlay
