@@ -47,14 +47,20 @@ func TestKernelTableLoads(t *testing.T) {
 	h.sync()
 	h.updateSlice(slice("ns1", "sticky", "sticky-1", 8080, []ep{{ip: "10.42.2.15", node: otherNode}}))
 	h.sync()
+	h.updateService(service("ns1", "sticky", "10.43.0.30", withAffinity(30), withITPLocal))
+	h.updateSlice(slice("ns1", "sticky", "sticky-1", 8080, []ep{{ip: "10.42.2.15", node: otherNode}, {ip: "10.42.1.15", node: thisNode}}))
+	h.sync()
+	if list = listTable(t); !strings.Contains(list, "timeout 30s") {
+		t.Errorf("affinity timeout not updated:\n%s", list)
+	}
 	h.deleteService("ns1", "web")
 	h.sync()
 	list = listTable(t)
 	if !strings.Contains(list, "chain service-v4-ns2/new/tcp/http") {
 		t.Errorf("new Service not programmed:\n%s", list)
 	}
-	if strings.Contains(list, "affinity-v4-ns1/sticky/tcp/http__10.42.1.15/8080") {
-		t.Errorf("affinity set of a removed endpoint still there")
+	if strings.Contains(list, "affinity-v4-ns1/sticky/tcp/http__10.42.2.15/8080") {
+		t.Errorf("affinity set of an endpoint no longer reachable (ITP Local) still there")
 	}
 	if !strings.Contains(list, "chain service-v4-ns1/web/tcp/http") {
 		t.Errorf("a deleted Service's chain should linger (flushed) until it is unreferenced")
@@ -90,4 +96,3 @@ func listTable(t *testing.T) string {
 	}
 	return string(out)
 }
-

@@ -211,8 +211,13 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		tx.Add(el.object())
 		applied[el.id()] = el
 	}
-	for id, cl := range claims {
-		el := b.winner(id, cl)
+	ids := make([]string, 0, len(claims))
+	for id := range claims {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids) // a stable transaction, for tests and for reading
+	for _, id := range ids {
+		el := b.winner(id, claims[id])
 		tx.Add(el.object())
 		applied[id] = el
 	}
@@ -248,6 +253,7 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	newRenders := make(map[types.NamespacedName]*svcRender, len(changed))
 	touched := map[string]bool{}
 	var flushed, deletedSets []string
+	var rewrite []chain
 	res := syncResult{elementsBy: map[string]int{}}
 	for name := range changed {
 		old := b.renders[name]
@@ -257,44 +263,64 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		}
 		newRenders[name] = rd
 		oldChains := map[string][]rule{}
-		oldSets := map[string]bool{}
+		oldSets := map[string]time.Duration{}
 		if old != nil {
 			for _, c := range old.chains {
 				oldChains[c.name] = c.rules
 			}
 			for _, s := range old.sets {
-				oldSets[s.name] = true
+				oldSets[s.name] = s.timeout
 			}
 			for _, el := range old.elements {
 				touched[el.id()] = true
 			}
 		}
 		if rd != nil {
+			// An affinity set whose timeout changed is re-created (what
+			// "add set" does to an existing set's timeout differs between
+			// kernels). Its referencing rules, all in this Service's
+			// chains, are flushed first, so every chain is rewritten.
+			var recreate []*affinitySet
 			for i := range rd.sets {
-				tx.Add(rd.sets[i].object()) // also updates a changed timeout
-				delete(oldSets, rd.sets[i].name)
+				if t, ok := oldSets[rd.sets[i].name]; ok && t != rd.sets[i].timeout {
+					recreate = append(recreate, &rd.sets[i])
+				}
 			}
 			for _, c := range rd.chains {
 				prev, ok := oldChains[c.name]
 				delete(oldChains, c.name)
-				if ok && slices.Equal(prev, c.rules) {
+				if ok && slices.Equal(prev, c.rules) && len(recreate) == 0 {
 					continue
 				}
+				// Rules are added after every chain exists: a rule
+				// may go to a chain of the same Service.
 				tx.Add(&knftables.Chain{Name: c.name})
 				tx.Flush(&knftables.Chain{Name: c.name})
-				addRules(tx, c)
+				rewrite = append(rewrite, c)
 				delete(b.stale, c.name)
+			}
+			// Chains the Service no longer has are flushed now, before
+			// any set they refer to goes.
+			flushOld(tx, oldChains, &flushed)
+			for _, a := range recreate {
+				tx.Delete(&knftables.Set{Name: a.name})
+			}
+			for i := range rd.sets {
+				tx.Add(rd.sets[i].object())
+				delete(oldSets, rd.sets[i].name)
 			}
 			for _, el := range rd.elements {
 				touched[el.id()] = true
 			}
 		}
-		for c := range oldChains {
-			flushed = append(flushed, c)
-		}
+		flushOld(tx, oldChains, &flushed)
 		for s := range oldSets {
 			deletedSets = append(deletedSets, s)
 		}
+	}
+
+	for _, c := range rewrite {
+		addRules(tx, c)
 	}
 
 	// Elements: recompute the owner of every touched element.
@@ -340,10 +366,6 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	}
 	for _, el := range adds {
 		tx.Add(el.object())
-	}
-	slices.Sort(flushed)
-	for _, c := range flushed {
-		tx.Flush(&knftables.Chain{Name: c})
 	}
 	slices.Sort(deletedSets)
 	for _, s := range deletedSets {
@@ -416,6 +438,21 @@ func (b *nftBackend) result(res syncResult) syncResult {
 		res.elementsBy[el.container]++
 	}
 	return res
+}
+
+// flushOld flushes the chains left in old (a Service's chains it no longer
+// has) and records them for deletion once unreferenced.
+func flushOld(tx *knftables.Transaction, old map[string][]rule, flushed *[]string) {
+	names := make([]string, 0, len(old))
+	for c := range old {
+		names = append(names, c)
+	}
+	slices.Sort(names)
+	for _, c := range names {
+		tx.Flush(&knftables.Chain{Name: c})
+		delete(old, c)
+	}
+	*flushed = append(*flushed, names...)
 }
 
 func addRules(tx *knftables.Transaction, c chain) int {

@@ -346,7 +346,9 @@ func (r *renderer) policyChain(name, base string, sp *servicePort, eps []endpoin
 				text: ipX + " saddr @" + chainName(prefixAffinity, f, eb) + " goto " + epChain,
 			})
 			if i > 0 {
-				vmap.WriteString(", ")
+				// " , ": knftables (like nft) must see the chain name
+				// without the comma to check the reference.
+				vmap.WriteString(" , ")
 			}
 			fmt.Fprintf(&vmap, "%d : goto %s", i, epChain)
 		}
