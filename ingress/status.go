@@ -1,0 +1,194 @@
+package ingress
+
+import (
+	"context"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/tools/record"
+)
+
+// statusWriter is the one writer (per cluster) of Ingress status and
+// Events. Every node's ingress serves traffic, but only the holder of a
+// coordination.k8s.io Lease writes, so 5,000 nodes do not race to write
+// the same status or repeat the same Event.
+type statusWriter struct {
+	c    *Controller
+	kick chan struct{}
+	// reported are the problems already sent as Events this term, so a
+	// problem is reported once, and again only after it was fixed.
+	reported map[problem]bool
+}
+
+func newStatusWriter(c *Controller) *statusWriter {
+	return &statusWriter{c: c, kick: make(chan struct{}, 1)}
+}
+
+func (w *statusWriter) trigger() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// run campaigns for the Lease until ctx ends; while leading it writes.
+func (w *statusWriter) run(ctx context.Context) {
+	c := w.c
+	id := c.cfg.NodeName
+	if id == "" {
+		id, _ = os.Hostname()
+	}
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Namespace: c.cfg.LeaseNamespace, Name: c.cfg.LeaseName},
+		Client:     c.src.Client.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: id},
+	}
+	for ctx.Err() == nil {
+		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock:            lock,
+			LeaseDuration:   15 * time.Second,
+			RenewDeadline:   10 * time.Second,
+			RetryPeriod:     2 * time.Second,
+			ReleaseOnCancel: true,
+			Name:            "knit-ingress-status",
+			Callbacks: leaderelection.LeaderCallbacks{
+				OnStartedLeading: w.lead,
+				OnStoppedLeading: func() {},
+			},
+		})
+		if err != nil {
+			c.log.Error("ingress status: leader election", "err", err)
+			return
+		}
+		le.Run(ctx)
+	}
+}
+
+// lead writes status and Events until leadership (ctx) ends.
+func (w *statusWriter) lead(ctx context.Context) {
+	c := w.c
+	c.log.Info("ingress status: now the writer", "lease", c.cfg.LeaseNamespace+"/"+c.cfg.LeaseName)
+	bc := record.NewBroadcaster(record.WithContext(ctx))
+	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: c.src.Client.CoreV1().Events("")})
+	defer bc.Shutdown()
+	rec := bc.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "knit-ingress", Host: c.cfg.NodeName})
+	w.reported = map[problem]bool{}
+	tick := time.NewTicker(30 * time.Second)
+	defer tick.Stop()
+	for {
+		if res := c.last.Load(); res != nil {
+			w.writeEvents(res, rec)
+			if !w.writeStatus(ctx, res) {
+				// Try again soon rather than at the next tick.
+				time.AfterFunc(2*time.Second, w.trigger)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.kick:
+		case <-tick.C:
+		}
+	}
+}
+
+func (w *statusWriter) writeEvents(res *buildResult, rec record.EventRecorder) {
+	c := w.c
+	now := map[problem]bool{}
+	for _, p := range res.problems {
+		now[p] = true
+		if w.reported[p] || p.ingress.Name == "" {
+			continue
+		}
+		ing, err := c.src.Ingresses.Lister().Ingresses(p.ingress.Namespace).Get(p.ingress.Name)
+		if err != nil {
+			continue
+		}
+		rec.Event(ing, corev1.EventTypeWarning, p.reason, p.message)
+	}
+	w.reported = now
+}
+
+// addresses is what status.loadBalancer.ingress should say.
+func (w *statusWriter) addresses() []networkingv1.IngressLoadBalancerIngress {
+	c := w.c
+	var out []networkingv1.IngressLoadBalancerIngress
+	if ref := c.cfg.StatusFromService; ref != "" {
+		ns, name, _ := strings.Cut(ref, "/")
+		svc, err := c.src.Services.Lister().Services(ns).Get(name)
+		if err != nil {
+			return nil
+		}
+		for _, lb := range svc.Status.LoadBalancer.Ingress {
+			out = append(out, networkingv1.IngressLoadBalancerIngress{IP: lb.IP, Hostname: lb.Hostname})
+		}
+		if len(out) == 0 {
+			for _, ip := range svc.Spec.ExternalIPs {
+				out = append(out, networkingv1.IngressLoadBalancerIngress{IP: ip})
+			}
+		}
+	} else {
+		for _, ip := range c.cfg.NodeIPs {
+			out = append(out, networkingv1.IngressLoadBalancerIngress{IP: ip.String()})
+		}
+	}
+	slices.SortFunc(out, func(a, b networkingv1.IngressLoadBalancerIngress) int {
+		if a.IP != b.IP {
+			return strings.Compare(a.IP, b.IP)
+		}
+		return strings.Compare(a.Hostname, b.Hostname)
+	})
+	return out
+}
+
+// writeStatus updates the Ingresses whose status differs; it reports
+// whether every write succeeded.
+func (w *statusWriter) writeStatus(ctx context.Context, res *buildResult) bool {
+	c := w.c
+	want := w.addresses()
+	ok := true
+	for _, served := range res.served {
+		ing, err := c.src.Ingresses.Lister().Ingresses(served.Namespace).Get(served.Name)
+		if err != nil || ing.DeletionTimestamp != nil {
+			continue
+		}
+		if sameLBIngress(ing.Status.LoadBalancer.Ingress, want) {
+			continue
+		}
+		upd := ing.DeepCopy()
+		upd.Status.LoadBalancer.Ingress = want
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err = c.src.Client.NetworkingV1().Ingresses(ing.Namespace).UpdateStatus(cctx, upd, metav1.UpdateOptions{})
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				c.log.Warn("ingress status: update failed", "ingress", ing.Namespace+"/"+ing.Name, "err", err)
+			}
+			ok = false
+			continue
+		}
+		c.m.statusWrites.Inc()
+	}
+	return ok
+}
+
+func sameLBIngress(a, b []networkingv1.IngressLoadBalancerIngress) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].IP != b[i].IP || a[i].Hostname != b[i].Hostname || len(a[i].Ports) != 0 {
+			return false
+		}
+	}
+	return true
+}
