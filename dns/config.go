@@ -185,14 +185,17 @@ func ReadResolvConf(path string) (servers []string, note string, err error) {
 			allLoopback = false
 		}
 	}
-	const resolved = "/run/systemd/resolve/resolv.conf"
-	if allLoopback && path != resolved {
-		if alt, err := readNameservers(resolved); err == nil && len(alt) > 0 {
-			return alt, fmt.Sprintf("%s names only the loopback stub %v; using %s instead", path, servers, resolved), nil
+	if allLoopback && path != resolvedConf {
+		if alt, err := readNameservers(resolvedConf); err == nil && len(alt) > 0 {
+			return alt, fmt.Sprintf("%s names only the loopback stub %v; using %s instead", path, servers, resolvedConf), nil
 		}
 	}
 	return servers, "", nil
 }
+
+// resolvedConf is where systemd-resolved lists the real upstreams (a
+// variable for tests).
+var resolvedConf = "/run/systemd/resolve/resolv.conf"
 
 func readNameservers(path string) ([]string, error) {
 	f, err := os.Open(path)

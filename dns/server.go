@@ -419,9 +419,7 @@ func (s *Server) handle(ctx context.Context, w *worker, req []byte, tcp bool, md
 	// Everything else is forwarded, through the cache.
 	w.key = cacheKey(w.key, q.name, q.qtype, q.do, q.cd)
 	if e := s.cache.get(w.key, start.UnixNano()); e != nil {
-		if md == modeFast {
-			s.m.cacheHits.Inc()
-		}
+		s.m.cacheHits.Inc()
 		age := uint32((start.UnixNano() - e.stored) / int64(time.Second))
 		return s.finish(w, s.emit(w.out, e.wire, nil, q, req, limit, age, e.ttlOffs), srcCache, start), false
 	}
