@@ -152,34 +152,15 @@ func TestExhaustionLeavesStateUntouched(t *testing.T) {
 	}
 }
 
-func TestRetainAndPruneBoot(t *testing.T) {
+func TestRetain(t *testing.T) {
 	st := &State{Version: stateVersion}
 	pool := []netip.Prefix{pfx("10.42.1.0/24")}
-	alloc := func(ids ...string) {
-		for _, id := range ids {
-			if _, err := st.Allocate(req(id), pool); err != nil {
-				t.Fatal(err)
-			}
+	for _, id := range []string{"d", "e", "f"} {
+		if _, err := st.Allocate(req(id), pool); err != nil {
+			t.Fatal(err)
 		}
 	}
-	alloc("a", "b")
-	// No boot recorded yet: nothing is provably dead, the boot is adopted.
-	if got := st.PruneBoot("boot1"); got != nil || st.Boot != "boot1" {
-		t.Fatalf("first PruneBoot released %v, boot %q", got, st.Boot)
-	}
-	if got := st.PruneBoot(""); got != nil {
-		t.Fatalf("PruneBoot(\"\") released %v", got)
-	}
-	if got := st.PruneBoot("boot1"); got != nil {
-		t.Fatalf("same boot released %v", got)
-	}
-	alloc("c")
-	released := st.PruneBoot("boot2")
-	if len(released) != 3 || len(st.Reservations) != 0 || st.Boot != "boot2" {
-		t.Fatalf("after reboot released %d, kept %d, boot %q", len(released), len(st.Reservations), st.Boot)
-	}
-	alloc("d", "e", "f")
-	released = st.Retain(func(r Reservation) bool { return r.ContainerID == "e" })
+	released := st.Retain(func(r Reservation) bool { return r.ContainerID == "e" })
 	if len(released) != 2 || st.Find(Attachment{"e", "eth0"}) == nil || len(st.Reservations) != 1 {
 		t.Fatalf("Retain released %v, kept %v", released, st.Reservations)
 	}

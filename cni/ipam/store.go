@@ -8,18 +8,43 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
+
+// BootIDPath is where the kernel publishes the current boot's random ID.
+const BootIDPath = "/proc/sys/kernel/random/boot_id"
+
+// BootID returns the running kernel's boot ID, or "" if it cannot be read.
+func BootID() string {
+	b, err := os.ReadFile(BootIDPath)
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// Options tune a Store.
+type Options struct {
+	// Boot is the current kernel boot ID (see BootID). Empty turns reboot
+	// detection off: reservations are then only ever released explicitly.
+	Boot string
+	// Durable fdatasyncs the state file and fsyncs the directory on every
+	// write. Not needed for correctness (see the package comment).
+	Durable bool
+}
 
 // Store is the on-disk reservation store of one CNI network on this node.
 // It holds no open files between calls: every Update takes the lock, reads,
 // changes and writes, and lets go, so it is safe to use from short-lived
 // plugin processes and from the long-running agent at the same time.
 type Store struct {
+	opts     Options
 	dir      string
 	path     string // <dir>/<network>.json
 	tmpPath  string // <dir>/<network>.json.tmp, only ever written under the lock
+	bootPath string // <dir>/<network>.boot
 	lockPath string // <dir>/<network>.lock
 }
 
@@ -28,7 +53,7 @@ type Store struct {
 var networkName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
 
 // Open returns the store of network under dir, creating dir if needed.
-func Open(dir, network string) (*Store, error) {
+func Open(dir, network string, opts Options) (*Store, error) {
 	if !networkName.MatchString(network) || len(network) > 200 {
 		return nil, fmt.Errorf("ipam: invalid network name %q", network)
 	}
@@ -39,9 +64,11 @@ func Open(dir, network string) (*Store, error) {
 		return nil, fmt.Errorf("ipam: create state directory: %w", err)
 	}
 	return &Store{
+		opts:     opts,
 		dir:      dir,
 		path:     filepath.Join(dir, network+".json"),
 		tmpPath:  filepath.Join(dir, network+".json.tmp"),
+		bootPath: filepath.Join(dir, network+".boot"),
 		lockPath: filepath.Join(dir, network+".lock"),
 	}, nil
 }
@@ -50,32 +77,42 @@ func Open(dir, network string) (*Store, error) {
 func (s *Store) Path() string { return s.path }
 
 // Update runs fn on the current state under the exclusive lock. If fn
-// returns nil and changed the state, the new state is written atomically
-// before the lock is released; if fn returns an error nothing is written, so
-// fn's changes are rolled back with it.
+// returns nil and changed the state, the new state is written before the
+// lock is released; if fn returns an error nothing is written, so fn's
+// changes are rolled back with it. Reservations of an earlier boot are
+// released before fn runs.
 func (s *Store) Update(fn func(*State) error) error {
 	unlock, err := s.lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	st, err := s.read()
+	st, newBoot, err := s.load()
 	if err != nil {
 		return err
 	}
 	if err := fn(st); err != nil {
 		return err
 	}
-	if !st.dirty {
-		return nil
+	if st.dirty {
+		if err := s.write(st); err != nil {
+			return err
+		}
 	}
-	return s.write(st)
+	if newBoot {
+		// Only after the pruned state is in place: a crash in between
+		// leaves the old boot ID, and the next writer prunes again.
+		return s.writeBoot()
+	}
+	return nil
 }
 
 // View returns a snapshot of the state without taking the lock: the file is
 // only ever replaced by rename, so a reader always sees one whole version.
+// Reservations of an earlier boot are left out.
 func (s *Store) View() (*State, error) {
-	return s.read()
+	st, _, err := s.load()
+	return st, err
 }
 
 // Retain releases, under the lock, every reservation for which keep returns
@@ -112,19 +149,48 @@ func (s *Store) lock() (func(), error) {
 	return func() { f.Close() }, nil
 }
 
-// maxStateSize bounds what read accepts; a node's reservations are a few
+// maxStateSize bounds what load accepts; a node's reservations are a few
 // hundred entries of ~200 bytes.
 const maxStateSize = 64 << 20
 
-func (s *Store) read() (*State, error) {
+// load reads the state. newBoot reports that it was written in an earlier
+// boot (its reservations have been dropped, the caller should record the
+// current boot once the pruned state is written).
+func (s *Store) load() (st *State, newBoot bool, err error) {
+	earlierBoot := false
+	if s.opts.Boot != "" {
+		b, err := os.ReadFile(s.bootPath)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			newBoot = true // first writer that knows the boot: adopt it
+		case err != nil:
+			return nil, false, fmt.Errorf("ipam: read %s: %w", s.bootPath, err)
+		case strings.TrimSpace(string(b)) != s.opts.Boot:
+			newBoot, earlierBoot = true, true
+		}
+	}
 	data, err := os.ReadFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return &State{Version: stateVersion}, nil
+		st = &State{Version: stateVersion, dirty: earlierBoot}
+		return st, newBoot, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("ipam: read %s: %w", s.path, err)
+		return nil, false, fmt.Errorf("ipam: read %s: %w", s.path, err)
 	}
-	return decodeState(data, s.path)
+	st, err = decodeState(data, s.path)
+	if err != nil && !earlierBoot {
+		return nil, false, err
+	}
+	if earlierBoot {
+		// Every namespace of that boot is gone, and a file that does not
+		// parse was torn by the crash that ended it.
+		if st == nil {
+			st = &State{Version: stateVersion}
+		}
+		st.Retain(func(Reservation) bool { return false })
+		st.dirty = true
+	}
+	return st, newBoot, nil
 }
 
 // decodeState parses a state document. A document that does not parse is
@@ -144,8 +210,8 @@ func decodeState(data []byte, name string) (*State, error) {
 	return st, nil
 }
 
-// write replaces the state file atomically and durably: temporary file,
-// fdatasync, rename over the old file, fsync of the directory.
+// write replaces the state file: temporary file, rename over the old one
+// (plus fdatasync and directory fsync when Durable).
 func (s *Store) write(st *State) error {
 	st.Version = stateVersion
 	if st.Reservations == nil {
@@ -155,35 +221,50 @@ func (s *Store) write(st *State) error {
 	if err != nil {
 		return fmt.Errorf("ipam: encode state: %w", err)
 	}
-	data = append(data, '\n')
-	f, err := os.OpenFile(s.tmpPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)
-	if err != nil {
+	if err := replaceFile(s.dir, s.tmpPath, s.path, append(data, '\n'), s.opts.Durable); err != nil {
 		return fmt.Errorf("ipam: write state: %w", err)
 	}
+	st.dirty = false
+	return nil
+}
+
+// writeBoot records the current boot ID, durably: everything written
+// without fsync in this boot relies on it.
+func (s *Store) writeBoot() error {
+	if err := replaceFile(s.dir, s.bootPath+".tmp", s.bootPath, []byte(s.opts.Boot+"\n"), true); err != nil {
+		return fmt.Errorf("ipam: record boot ID: %w", err)
+	}
+	return nil
+}
+
+func replaceFile(dir, tmp, path string, data []byte, durable bool) error {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return err
+	}
 	_, err = f.Write(data)
-	if err == nil {
-		// fdatasync also flushes the size of this freshly written file, which
-		// is all a reader needs; mtime is not worth a second journal commit.
+	if err == nil && durable {
+		// fdatasync also flushes the size of this freshly written file,
+		// which is all a reader needs.
 		err = unix.Fdatasync(int(f.Fd()))
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
 	if err != nil {
-		os.Remove(s.tmpPath)
-		return fmt.Errorf("ipam: write state: %w", err)
+		os.Remove(tmp)
+		return err
 	}
-	if err := os.Rename(s.tmpPath, s.path); err != nil {
-		os.Remove(s.tmpPath)
-		return fmt.Errorf("ipam: write state: %w", err)
-	}
-	if d, err := os.Open(s.dir); err == nil {
-		err = d.Sync()
-		d.Close()
+	if durable {
+		d, err := os.Open(dir)
 		if err != nil {
-			return fmt.Errorf("ipam: sync state directory: %w", err)
+			return err
 		}
+		defer d.Close()
+		return d.Sync()
 	}
-	st.dirty = false
 	return nil
 }

@@ -35,7 +35,7 @@ var testPool = []netip.Prefix{netip.MustParsePrefix("10.42.1.0/24"), netip.MustP
 
 // childAlloc allocates one reservation for KNIT_IPAM_ID and prints its IPs.
 func childAlloc() int {
-	s, err := Open(os.Getenv("KNIT_IPAM_DIR"), "knit")
+	s, err := Open(os.Getenv("KNIT_IPAM_DIR"), "knit", Options{Boot: "b"})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -56,7 +56,7 @@ func childAlloc() int {
 
 // childChurn allocates and releases forever, to be killed at a random moment.
 func childChurn() int {
-	s, err := Open(os.Getenv("KNIT_IPAM_DIR"), "knit")
+	s, err := Open(os.Getenv("KNIT_IPAM_DIR"), "knit", Options{Boot: "b"})
 	if err != nil {
 		return 1
 	}
@@ -74,7 +74,7 @@ func childChurn() int {
 
 func TestStoreRoundTrip(t *testing.T) {
 	dir := t.TempDir()
-	s, err := Open(dir, "knit")
+	s, err := Open(dir, "knit", Options{Boot: "b"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,6 @@ func TestStoreRoundTrip(t *testing.T) {
 		Pod:          PodRef{Namespace: "default", Name: "web", UID: "u-1"},
 		PortMappings: []PortMapping{{HostPort: 8080, ContainerPort: 80, Protocol: "tcp", HostIP: netip.MustParseAddr("198.18.0.1")}}}
 	if err := s.Update(func(st *State) error {
-		st.PruneBoot("b1")
 		_, err := st.Allocate(want, testPool)
 		return err
 	}); err != nil {
@@ -97,7 +96,7 @@ func TestStoreRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := st.Find(want.Attachment)
-	if r == nil || st.Boot != "b1" || r.Pod != want.Pod || r.Netns != want.Netns || !r.Created.Equal(t0) ||
+	if r == nil || r.Pod != want.Pod || r.Netns != want.Netns || !r.Created.Equal(t0) ||
 		fmt.Sprint(r.IPs) != "[10.42.1.2 fd42:0:0:1::2]" || fmt.Sprint(r.PortMappings) != fmt.Sprint(want.PortMappings) {
 		t.Fatalf("read back %+v", r)
 	}
@@ -110,8 +109,82 @@ func TestStoreRoundTrip(t *testing.T) {
 	}
 }
 
+func TestDurableWrites(t *testing.T) {
+	s, _ := Open(t.TempDir(), "knit", Options{Boot: "b", Durable: true})
+	if err := s.Update(func(st *State) error {
+		_, err := st.Allocate(Request{Attachment: Attachment{"a", "eth0"}}, testPool)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := s.View(); err != nil || len(st.Reservations) != 1 {
+		t.Fatalf("%v %v", st, err)
+	}
+}
+
+// TestRebootReleasesEverything: the first writer of a new boot drops the
+// reservations of the previous one, readers never see them, and a state
+// that an earlier boot's crash tore is dropped instead of reported.
+func TestRebootReleasesEverything(t *testing.T) {
+	dir := t.TempDir()
+	alloc := func(s *Store, id string) {
+		t.Helper()
+		if err := s.Update(func(st *State) error {
+			_, err := st.Allocate(Request{Attachment: Attachment{id, "eth0"}}, testPool)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	count := func(s *Store) int {
+		t.Helper()
+		st, err := s.View()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(st.Reservations)
+	}
+
+	// A store written without a boot ID is adopted, not pruned.
+	legacy, _ := Open(dir, "knit", Options{})
+	alloc(legacy, "legacy")
+	boot1, _ := Open(dir, "knit", Options{Boot: "boot-1"})
+	alloc(boot1, "a")
+	if n := count(boot1); n != 2 {
+		t.Fatalf("boot-1 sees %d reservations, want 2", n)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "knit.boot")); string(b) != "boot-1\n" {
+		t.Fatalf("boot file %q", b)
+	}
+
+	boot2, _ := Open(dir, "knit", Options{Boot: "boot-2"})
+	if n := count(boot2); n != 0 {
+		t.Fatalf("boot-2 reader sees %d reservations of boot-1", n)
+	}
+	alloc(boot2, "b")
+	if n := count(boot2); n != 1 {
+		t.Fatalf("boot-2 has %d reservations, want 1", n)
+	}
+	if n := count(boot1); n != 0 {
+		t.Fatal("boot-1 view of a boot-2 store should be empty too")
+	}
+
+	// Torn by the crash that ended boot-2: dropped in boot-3...
+	os.WriteFile(filepath.Join(dir, "knit.json"), []byte(`{"version":1,"reserv`), 0o600)
+	boot3, _ := Open(dir, "knit", Options{Boot: "boot-3"})
+	if n := count(boot3); n != 0 {
+		t.Fatalf("torn earlier-boot state: %d reservations", n)
+	}
+	alloc(boot3, "c")
+	// ...but a torn file of the current boot is reported, never replaced.
+	os.WriteFile(filepath.Join(dir, "knit.json"), []byte(`{"version":1,"reserv`), 0o600)
+	if err := boot3.Update(func(*State) error { return nil }); err == nil {
+		t.Fatal("torn state of the current boot accepted")
+	}
+}
+
 func TestUpdateErrorWritesNothing(t *testing.T) {
-	s, _ := Open(t.TempDir(), "knit")
+	s, _ := Open(t.TempDir(), "knit", Options{})
 	boom := errors.New("boom")
 	err := s.Update(func(st *State) error {
 		if _, err := st.Allocate(Request{Attachment: Attachment{"a", "eth0"}}, testPool); err != nil {
@@ -135,7 +208,7 @@ func TestCorruptStateIsReportedNotReplaced(t *testing.T) {
 		"duplicate IP":   `{"version":1,"reservations":[{"containerID":"a","ifname":"eth0","ips":["10.42.1.2"]},{"containerID":"b","ifname":"eth0","ips":["10.42.1.2"]}]}`,
 	} {
 		t.Run(name, func(t *testing.T) {
-			s, _ := Open(t.TempDir(), "knit")
+			s, _ := Open(t.TempDir(), "knit", Options{})
 			if err := os.WriteFile(s.Path(), []byte(content), 0o600); err != nil {
 				t.Fatal(err)
 			}
@@ -153,7 +226,7 @@ func TestCorruptStateIsReportedNotReplaced(t *testing.T) {
 
 func TestOpenRejectsBadNetworkNames(t *testing.T) {
 	for _, n := range []string{"", "../x", ".hidden", "a/b", "a b"} {
-		if _, err := Open(t.TempDir(), n); err == nil {
+		if _, err := Open(t.TempDir(), n, Options{}); err == nil {
 			t.Errorf("Open(%q) accepted", n)
 		}
 	}
@@ -194,7 +267,7 @@ func TestConcurrentAllocationsNeverDuplicate(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			id := fmt.Sprint("goroutine-", i)
-			s, err := Open(dir, "knit")
+			s, err := Open(dir, "knit", Options{Boot: "b"})
 			if err != nil {
 				t.Error(err)
 				return
@@ -212,7 +285,7 @@ func TestConcurrentAllocationsNeverDuplicate(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	s, _ := Open(dir, "knit")
+	s, _ := Open(dir, "knit", Options{Boot: "b"})
 	st, err := s.View()
 	if err != nil {
 		t.Fatal(err)
@@ -230,7 +303,7 @@ func TestKill9NeverCorrupts(t *testing.T) {
 		t.Skip("slow")
 	}
 	dir := t.TempDir()
-	s, _ := Open(dir, "knit")
+	s, _ := Open(dir, "knit", Options{Boot: "b"})
 	for round := range 15 {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), "KNIT_IPAM_CHILD=churn", "KNIT_IPAM_DIR="+dir)
@@ -259,10 +332,15 @@ func TestKill9NeverCorrupts(t *testing.T) {
 	}
 }
 
-// BenchmarkUpdate measures one allocate+write cycle (flock, read, fdatasync,
-// rename, directory fsync) with a pool 200 pods full.
+// BenchmarkUpdate measures one allocate-or-release cycle (flock, read,
+// decode, encode, write, rename) with 200 pods' reservations in the store.
 func BenchmarkUpdate(b *testing.B) {
-	s, _ := Open(b.TempDir(), "knit")
+	b.Run("default", func(b *testing.B) { benchmarkUpdate(b, Options{Boot: "b"}) })
+	b.Run("durable", func(b *testing.B) { benchmarkUpdate(b, Options{Boot: "b", Durable: true}) })
+}
+
+func benchmarkUpdate(b *testing.B, opts Options) {
+	s, _ := Open(b.TempDir(), "knit", opts)
 	_ = s.Update(func(st *State) error {
 		for i := range 200 {
 			if _, err := st.Allocate(Request{Attachment: Attachment{fmt.Sprint("fill-", i), "eth0"}, Pod: PodRef{"default", fmt.Sprint("pod-", i), "0123456789abcdef"}}, testPool); err != nil {
@@ -296,7 +374,7 @@ func FuzzDecodeState(f *testing.F) {
 		// A decoded state must survive what the plugin does with it.
 		_, _ = st.Allocate(Request{Attachment: Attachment{"fz", "eth0"}}, testPool)
 		st.Release(Attachment{"a", "eth0"})
-		st.PruneBoot("x")
+		st.Retain(func(r Reservation) bool { return len(r.IPs) > 1 })
 		if err := st.validate(); err != nil {
 			t.Fatalf("state invalid after operations: %v", err)
 		}

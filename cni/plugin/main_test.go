@@ -48,7 +48,7 @@ func TestMain(m *testing.M) {
 // node is one simulated node: a bridge, node.json in its own run dir, an
 // IPAM store in its own state dir.
 type node struct {
-	t                *testing.T
+	t                testing.TB
 	runDir, stateDir string
 	cfg              NodeConfig
 	bootFile         string
@@ -57,7 +57,7 @@ type node struct {
 
 var bridgeSeq int
 
-func newNode(t *testing.T, podCIDRs ...string) *node {
+func newNode(t testing.TB, podCIDRs ...string) *node {
 	t.Helper()
 	nettest.Require(t)
 	bridgeSeq++
@@ -73,7 +73,7 @@ func newNode(t *testing.T, podCIDRs ...string) *node {
 	// Start from the real boot ID: plugin processes the tests start read
 	// the real file.
 	n.bootFile = filepath.Join(n.stateDir, "boot_id")
-	boot, err := os.ReadFile(bootIDPath)
+	boot, err := os.ReadFile(ipam.BootIDPath)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,6 +96,14 @@ func (n *node) setBoot(id string) {
 	if err := os.WriteFile(n.bootFile, []byte(id+"\n"), 0o644); err != nil {
 		n.t.Fatal(err)
 	}
+}
+
+func (n *node) boot() string {
+	b, err := os.ReadFile(n.bootFile)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
 }
 
 func (n *node) writeNodeConfig() {
@@ -143,7 +151,7 @@ type pod struct {
 	ns ns.NetNS
 }
 
-func newPod(t *testing.T, id string) *pod {
+func newPod(t testing.TB, id string) *pod {
 	t.Helper()
 	netns, err := testutils.NewNS()
 	if err != nil {
@@ -181,7 +189,7 @@ func (n *node) add(p *pod, version string, extra map[string]any) *current.Result
 	return parseResult(n.t, version, out)
 }
 
-func parseResult(t *testing.T, version, out string) *current.Result {
+func parseResult(t testing.TB, version, out string) *current.Result {
 	t.Helper()
 	res, err := cniversion.NewResult(version, []byte(out))
 	var r *current.Result
@@ -212,7 +220,7 @@ type errorObject struct {
 	Msg        string `json:"msg"`
 }
 
-func cniError(t *testing.T, out string) errorObject {
+func cniError(t testing.TB, out string) errorObject {
 	t.Helper()
 	var e errorObject
 	if err := json.Unmarshal([]byte(out), &e); err != nil || e.CNIVersion == "" {
@@ -223,7 +231,7 @@ func cniError(t *testing.T, out string) errorObject {
 
 func (n *node) store() *ipam.State {
 	n.t.Helper()
-	s, err := ipam.Open(IPAMDir(n.stateDir), "knit")
+	s, err := ipam.Open(IPAMDir(n.stateDir), "knit", ipam.Options{Boot: n.boot()})
 	if err != nil {
 		n.t.Fatal(err)
 	}
@@ -240,7 +248,7 @@ func linkExists(name string) bool {
 }
 
 // inNS runs f in p's namespace.
-func (p *pod) in(t *testing.T, f func() error) {
+func (p *pod) in(t testing.TB, f func() error) {
 	t.Helper()
 	if err := p.ns.Do(func(ns.NetNS) error { return f() }); err != nil {
 		t.Fatal(err)

@@ -68,9 +68,6 @@ var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 // maxStdin bounds the configuration read from stdin.
 const maxStdin = 4 << 20
 
-// bootIDPath changes on every boot; see ipam.State.PruneBoot.
-const bootIDPath = "/proc/sys/kernel/random/boot_id"
-
 // Main runs one CNI command: the CNI_* variables come from env, the
 // configuration from stdin, the result or error object goes to stdout and
 // diagnostics to stderr. It returns the process exit status (0 on success,
@@ -81,7 +78,7 @@ func Main(stdin io.Reader, stdout, stderr io.Writer, env func(string) string) in
 	p := &plugin{
 		stdout:          stdout,
 		stderr:          stderr,
-		bootIDPath:      bootIDPath,
+		bootIDPath:      ipam.BootIDPath,
 		defaultRunDir:   DefaultRunDir,
 		defaultStateDir: DefaultStateDir,
 		now:             time.Now,
@@ -292,7 +289,7 @@ func (p *plugin) bootID() string {
 }
 
 func (p *plugin) openStore(conf *NetConf) (*ipam.Store, error) {
-	s, err := ipam.Open(IPAMDir(p.stateDir(conf)), conf.Name)
+	s, err := ipam.Open(IPAMDir(p.stateDir(conf)), conf.Name, ipam.Options{Boot: p.bootID()})
 	if err != nil {
 		return nil, types.NewError(types.ErrIOFailure, err.Error(), "")
 	}
@@ -311,16 +308,6 @@ func (p *plugin) stateDir(conf *NetConf) string {
 		return conf.StateDir
 	}
 	return p.defaultStateDir
-}
-
-// update is store.Update with reservations of an earlier boot pruned
-// first, for every writer.
-func (p *plugin) update(store *ipam.Store, fn func(*ipam.State) error) error {
-	boot := p.bootID()
-	return store.Update(func(st *ipam.State) error {
-		st.PruneBoot(boot)
-		return fn(st)
-	})
 }
 
 func (p *plugin) hook(stage string) error {
@@ -355,7 +342,7 @@ func (p *plugin) add(a *cmdArgs, conf *NetConf) (_ *current.Result, err error) {
 	att := ipam.Attachment{ContainerID: a.containerID, IfName: a.ifName}
 	req := ipam.Request{Attachment: att, Netns: a.netns, Pod: pod, PortMappings: pms, Now: p.now()}
 	var res ipam.Reservation
-	err = p.update(store, func(st *ipam.State) error {
+	err = store.Update(func(st *ipam.State) error {
 		r, err := st.Allocate(req, node.PodCIDRs)
 		if err != nil {
 			return err
@@ -407,7 +394,7 @@ func (p *plugin) rollback(store *ipam.Store, att ipam.Attachment, hostName strin
 	if err := deleteLink(hostName); err != nil {
 		errs = append(errs, err)
 	}
-	err := p.update(store, func(st *ipam.State) error {
+	err := store.Update(func(st *ipam.State) error {
 		st.Release(att)
 		if hadPorts {
 			return p.renderHostports(st)
@@ -427,7 +414,7 @@ func (p *plugin) undoAdd(a *cmdArgs, conf *NetConf) {
 // syncHostports re-renders the hostport table from the store, under its
 // lock, so that no concurrent ADD/DEL renders from an older state.
 func (p *plugin) syncHostports(store *ipam.Store) error {
-	return p.update(store, func(st *ipam.State) error { return p.renderHostports(st) })
+	return store.Update(func(st *ipam.State) error { return p.renderHostports(st) })
 }
 
 // renderHostports applies the hostport table for st's reservations. It is
@@ -484,7 +471,7 @@ func (p *plugin) del(a *cmdArgs, conf *NetConf) error {
 		return errors.Join(append(errs, err)...)
 	}
 	att := ipam.Attachment{ContainerID: a.containerID, IfName: a.ifName}
-	err = p.update(store, func(st *ipam.State) error {
+	err = store.Update(func(st *ipam.State) error {
 		r, ok := st.Release(att)
 		if ok && len(r.PortMappings) > 0 {
 			return p.renderHostports(st)
@@ -510,8 +497,6 @@ func (p *plugin) status(conf *NetConf) error {
 	if err != nil {
 		return types.NewError(types.ErrPluginNotAvailable, err.Error(), "")
 	}
-	// Reservations of an earlier boot are released by the next ADD.
-	st.PruneBoot(p.bootID())
 	for _, pool := range node.PodCIDRs {
 		used := 0
 		for _, r := range st.Reservations {
@@ -539,7 +524,7 @@ func (p *plugin) gc(conf *NetConf) error {
 	}
 	var released []ipam.Reservation
 	var errs []error
-	err = p.update(store, func(st *ipam.State) error {
+	err = store.Update(func(st *ipam.State) error {
 		released = st.Retain(func(r ipam.Reservation) bool { return valid[r.Attachment] })
 		withPorts := false
 		for _, r := range released {
