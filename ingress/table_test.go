@@ -97,20 +97,7 @@ func (s *staticInput) input() *buildInput {
 			}
 		},
 		slices: func(ns, svc string) []*discoveryv1.EndpointSlice {
-			ips := s.eps[svc]
-			if len(ips) == 0 {
-				return nil
-			}
-			name, port := "http", int32(8080)
-			sl := &discoveryv1.EndpointSlice{
-				ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: svc + "-x"},
-				AddressType: discoveryv1.AddressTypeIPv4,
-				Ports:       []discoveryv1.EndpointPort{{Name: &name, Port: &port}},
-			}
-			for _, ip := range ips {
-				sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{Addresses: []string{ip}})
-			}
-			return []*discoveryv1.EndpointSlice{sl}
+			return slicesFor(ns, svc, s.eps[svc])
 		},
 		secret: func(ns, name string) *corev1.Secret { return s.secrets[name] },
 	}
