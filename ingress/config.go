@@ -170,7 +170,7 @@ func (c *Config) validate() error {
 			return fmt.Errorf("listen address %q: %w", a, err)
 		}
 	}
-	if c.HTTPAddr != "" && c.HTTPAddr == c.HTTPSAddr {
+	if c.HTTPAddr != "" && c.HTTPAddr == c.HTTPSAddr && !strings.HasSuffix(c.HTTPAddr, ":0") {
 		return fmt.Errorf("HTTPAddr and HTTPSAddr are both %q", c.HTTPAddr)
 	}
 	return nil
