@@ -246,4 +246,3 @@ func TestConfigValidation(t *testing.T) {
 		t.Error("New without informers succeeded")
 	}
 }
-
