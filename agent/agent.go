@@ -30,14 +30,22 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
 
 	"knit.dev/knit/cluster"
+	"knit.dev/knit/overlay"
 )
 
 // Config is what the agent is told on its command line.
 type Config struct {
 	NodeName   string
 	Kubeconfig string // empty: in-cluster service account
+	// NodeIPs are this node's addresses; empty means the Node object's
+	// InternalIPs, looked up at start.
+	NodeIPs []netip.Addr
 
 	ClusterCIDRs  []netip.Prefix
 	ServiceCIDRs  []netip.Prefix
@@ -54,6 +62,8 @@ type Config struct {
 	RunDir     string // cleared on reboot: node network config for the CNI plugin
 	CNIConfDir string
 	CNIBinDir  string
+	// BinaryPath is the running knit binary, linked into CNIBinDir as the plugin.
+	BinaryPath string
 
 	// Per-component settings, parsed from flags by package command.
 	Component ComponentConfig
@@ -68,6 +78,9 @@ type Agent struct {
 	cache *cluster.Cache
 	sup   *supervisor
 	comps []Component
+
+	nodeIPs []netip.Addr
+	overlay *overlay.Overlay // set when the overlay is enabled; cni asks it for the MTU
 }
 
 // New connects to the API server and builds the enabled components. Nothing
@@ -93,6 +106,14 @@ func newWithConnection(cfg Config, conn *cluster.Connection, log *slog.Logger) (
 		conn:  conn,
 		cache: cluster.New(conn.Client, 0, log),
 		sup:   newSupervisor(log, reg),
+	}
+	a.nodeIPs = cfg.NodeIPs
+	if len(a.nodeIPs) == 0 {
+		ips, err := lookupNodeIPs(conn.Client, cfg.NodeName, log)
+		if err != nil {
+			return nil, err
+		}
+		a.nodeIPs = ips
 	}
 	for _, b := range builders {
 		if !cfg.Enabled[b.name] {
@@ -183,4 +204,39 @@ func (a *Agent) notReady() []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// lookupNodeIPs reads the node's InternalIPs (then ExternalIPs) from its
+// Node object, retrying for a minute: at boot the agent may start before
+// the API server answers.
+func lookupNodeIPs(client kubernetes.Interface, node string, log *slog.Logger) ([]netip.Addr, error) {
+	var ips []netip.Addr
+	var lastErr error
+	err := wait.PollUntilContextTimeout(context.Background(), 500*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		n, err := client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err != nil {
+			lastErr = err
+			return false, nil
+		}
+		for _, typ := range []corev1.NodeAddressType{corev1.NodeInternalIP, corev1.NodeExternalIP} {
+			for _, addr := range n.Status.Addresses {
+				if addr.Type != typ {
+					continue
+				}
+				if ip, err := netip.ParseAddr(addr.Address); err == nil {
+					ips = append(ips, ip)
+				}
+			}
+			if len(ips) > 0 {
+				return true, nil
+			}
+		}
+		lastErr = fmt.Errorf("node %s has no InternalIP or ExternalIP address", node)
+		return false, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("node IPs: %w (use --node-ip)", lastErr)
+	}
+	log.Info("node addresses", "node", node, "ips", ips)
+	return ips, nil
 }

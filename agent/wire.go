@@ -1,13 +1,99 @@
 package agent
 
-// ComponentConfig holds the per-component settings the command line parses.
-type ComponentConfig struct{}
+import (
+	"knit.dev/knit/dns"
+	"knit.dev/knit/ingress"
+	"knit.dev/knit/overlay"
+	"knit.dev/knit/proxy"
+)
 
-// builder constructs one component from the agent's shared pieces.
+// ComponentConfig holds the per-component settings the command line parses.
+// Fields the agent knows itself (node name, CIDRs, node IPs) are filled in
+// by the builders below, so a flag cannot disagree with them.
+type ComponentConfig struct {
+	Overlay overlay.Config
+	Proxy   proxy.Config
+	DNS     dns.Config
+	Ingress ingress.Config
+}
+
+// builder constructs one component from the agent's shared pieces. Each
+// builder hands its component only the informers it reads.
 type builder struct {
 	name  string
 	build func(a *Agent) (Component, error)
 }
 
-// builders lists every component the agent can run, in start order.
-var builders = []builder{}
+// builders lists every component the agent can run, in start order. The
+// overlay comes before cni because the CNI node setup asks it for the MTU.
+var builders = []builder{
+	{"overlay", buildOverlay},
+	{"cni", buildCNI},
+	{"proxy", buildProxy},
+	{"dns", buildDNS},
+	{"ingress", buildIngress},
+}
+
+func buildOverlay(a *Agent) (Component, error) {
+	cfg := a.cfg.Component.Overlay
+	cfg.NodeName = a.cfg.NodeName
+	cfg.ClusterCIDRs = a.cfg.ClusterCIDRs
+	if !cfg.NodeIP.IsValid() && len(a.nodeIPs) > 0 {
+		cfg.NodeIP = a.nodeIPs[0]
+	}
+	o, err := overlay.New(cfg, overlay.Sources{Nodes: a.cache.Nodes(), Client: a.conn.Client}, a.reg, a.log.With("component", "overlay"))
+	if err != nil {
+		return nil, err
+	}
+	a.overlay = o
+	return o, nil
+}
+
+func buildProxy(a *Agent) (Component, error) {
+	cfg := a.cfg.Component.Proxy
+	cfg.NodeName = a.cfg.NodeName
+	cfg.NodeIPs = a.nodeIPs
+	cfg.ClusterCIDRs = a.cfg.ClusterCIDRs
+	cfg.ServiceCIDRs = a.cfg.ServiceCIDRs
+	if a.cfg.Enabled["dns"] {
+		// The DNS component answers the cluster DNS IP on this node; the
+		// proxy must not DNAT it away (see package dns).
+		cfg.LocalServiceIPs = a.cfg.ClusterDNS
+	}
+	return proxy.New(cfg, proxy.Sources{
+		Services:       a.cache.Services(),
+		EndpointSlices: a.cache.EndpointSlices(),
+		Nodes:          a.cache.Nodes(),
+	}, a.reg, a.log.With("component", "proxy"))
+}
+
+func buildDNS(a *Agent) (Component, error) {
+	cfg := a.cfg.Component.DNS
+	cfg.ClusterDomain = a.cfg.ClusterDomain
+	cfg.ServiceCIDRs = a.cfg.ServiceCIDRs
+	cfg.ClusterCIDRs = a.cfg.ClusterCIDRs
+	if len(cfg.LocalIPs) == 0 {
+		cfg.LocalIPs = a.cfg.ClusterDNS
+	}
+	return dns.New(cfg, dns.Sources{
+		Services:       a.cache.Services(),
+		EndpointSlices: a.cache.EndpointSlices(),
+		Pods:           a.cache.Pods(),
+	}, a.reg, a.log.With("component", "dns"))
+}
+
+func buildIngress(a *Agent) (Component, error) {
+	cfg := a.cfg.Component.Ingress
+	cfg.NodeName = a.cfg.NodeName
+	if len(cfg.NodeIPs) == 0 {
+		cfg.NodeIPs = a.nodeIPs
+	}
+	return ingress.New(cfg, ingress.Sources{
+		Ingresses:      a.cache.Ingresses(),
+		IngressClasses: a.cache.IngressClasses(),
+		Services:       a.cache.Services(),
+		EndpointSlices: a.cache.EndpointSlices(),
+		Secrets:        a.cache.TLSSecrets(),
+		Client:         a.conn.Client,
+	}, a.reg, a.log.With("component", "ingress"))
+}

@@ -3,6 +3,11 @@
 // technique. The kernel then delivers packets sent to that IP to a socket
 // bound to it on this same node, whichever node the sender runs on.
 //
+// On kernels built without the dummy driver (LinkAdd fails with
+// EOPNOTSUPP: small edge images, and the VM the lab runs in) the addresses
+// go on lo instead: an address there is just as local to the routing
+// decision, and nobody removes lo.
+//
 // Ensure is idempotent (an existing link and existing addresses are kept)
 // and nothing here ever removes the link or its addresses: DNS must keep
 // working while the agent restarts.
@@ -18,7 +23,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Ensure creates the dummy link name if it is missing, sets it up, and adds
+// Ensure creates the dummy link name if it is missing (lo stands in when
+// the kernel has no dummy driver), sets it up, and adds
 // every address in ips as a host route (/32 or /128) unless already there.
 // IPv6 addresses are added without duplicate address detection, so that
 // they can be bound at once.
