@@ -117,3 +117,7 @@ func inNetns(ctx context.Context, netns string, args ...string) (string, error) 
 }
 
 func hostport(ip string, port int) string { return net.JoinHostPort(ip, fmt.Sprint(port)) }
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+func labEchoService(ns, app string) *corev1.Service { return lab.EchoService(ns, app, app) }

@@ -36,6 +36,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
@@ -268,7 +269,16 @@ func (c *Cluster) createClusterServices(ctx context.Context) error {
 			},
 		},
 	}
-	_, err := c.Client.CoreV1().Services("kube-system").Create(ctx, svc, metav1.CreateOptions{})
+	if _, err := c.Client.CoreV1().Services("kube-system").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	class := &networkingv1.IngressClass{
+		ObjectMeta: metav1.ObjectMeta{Name: "knit", Annotations: map[string]string{
+			networkingv1.AnnotationIsDefaultIngressClass: "true",
+		}},
+		Spec: networkingv1.IngressClassSpec{Controller: "knit.dev/ingress"},
+	}
+	_, err := c.Client.NetworkingV1().IngressClasses().Create(ctx, class, metav1.CreateOptions{})
 	return err
 }
 
