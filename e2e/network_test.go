@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"strconv"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"knit.dev/knit/lab"
 	"knit.dev/knit/lab/echo"
@@ -43,6 +45,32 @@ func TestPodNetworkOnOneNode(t *testing.T) {
 	}
 	if r, err := httpEcho(lab.PodNetns(a), hostport(a.Status.PodIP, echo.HTTPPort)); err != nil || r.Pod != a.Name {
 		t.Errorf("pod %s -> itself: %+v, %v", a.Name, r, err)
+	}
+	// Hairpin: a pod reaches itself through a Service whose only endpoint
+	// it is.
+	self := lab.EchoService(ns, "self", "local")
+	self.Spec.Selector = map[string]string{"statefulset.kubernetes.io/pod-name": a.Name}
+	p, err := c.Client.CoreV1().Pods(ns).Get(ctx, a.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Labels["statefulset.kubernetes.io/pod-name"] = a.Name
+	if _, err := c.Client.CoreV1().Pods(ns).Update(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	self, err = c.Client.CoreV1().Services(ns).Create(ctx, self, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitEndpoints(t, c, ns, "self", 1)
+	if err := eventually(5*time.Second, func() error {
+		r, err := httpEcho(lab.PodNetns(a), hostport(self.Spec.ClusterIP, 80))
+		if err == nil && r.Pod != a.Name {
+			err = fmt.Errorf("answered by %s", r.Pod)
+		}
+		return err
+	}); err != nil {
+		t.Errorf("hairpin: pod %s -> its own Service %s: %v", a.Name, self.Spec.ClusterIP, err)
 	}
 	// Pod -> its node: the agent's health port on the node IP.
 	resp, err := lab.HTTPClientFrom(lab.PodNetns(a), 3*time.Second).Get(node.HealthURL() + "/healthz")

@@ -210,6 +210,12 @@ func (k *Kubelet) start(ctx context.Context, key string, pod *corev1.Pod) error 
 	if out, err := netnsCommand(ctx, "add", sb.netns).CombinedOutput(); err != nil {
 		return fmt.Errorf("ip netns add %s: %v: %s", sb.netns, err, out)
 	}
+	// The runtime, not the CNI network, brings up the pod's loopback
+	// (containerd does it itself, CRI-O through the loopback plugin).
+	if out, err := exec.CommandContext(ctx, "ip", "-n", sb.netns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		_ = k.removeNetns(sb.netns)
+		return fmt.Errorf("pod loopback up: %v: %s", err, out)
+	}
 	rt := k.runtimeConf(pod, sb)
 	start := time.Now()
 	res, err := k.cni.AddNetworkList(ctx, list, rt)
