@@ -10,7 +10,8 @@
 //   - the reverse zones of the configured service and cluster CIDRs;
 //   - forwarding, with a positive and negative cache, for every other name;
 //   - with BindLocalIP, the dummy link knit-dns0 holding the cluster DNS
-//     Service IP (package localaddr).
+//     Service IP (package localaddr; lo holds it instead on kernels without
+//     the dummy driver, such as the lab's VM).
 //
 // # How queries reach it
 //

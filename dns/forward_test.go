@@ -29,7 +29,7 @@ type fakeUpstream struct {
 	servers []*mdns.Server
 }
 
-func newUpstream(t *testing.T, answer func(w mdns.ResponseWriter, r *mdns.Msg) *mdns.Msg) *fakeUpstream {
+func newUpstream(t testing.TB, answer func(w mdns.ResponseWriter, r *mdns.Msg) *mdns.Msg) *fakeUpstream {
 	t.Helper()
 	u := &fakeUpstream{queries: map[string]int{}, answer: answer}
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")

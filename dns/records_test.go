@@ -98,7 +98,7 @@ func TestSpecRecords(t *testing.T) {
 		{"11.2.42.10.in-addr.arpa.", mdns.TypePTR, 0, []string{"PTR 10-42-2-11.db.prod.svc.cluster.local."}, "", nil},
 		{"12.3.42.10.in-addr.arpa.", mdns.TypePTR, mdns.RcodeNameError, nil, "SOA", nil},
 		{"peers.prod.svc.cluster.local.", mdns.TypeA, 0, []string{"A 10.42.1.20"}, "", nil}, // publishNotReadyAddresses
-		{"empty.prod.svc.cluster.local.", mdns.TypeA, mdns.RcodeNameError, nil, soa, nil},  // no ready endpoint
+		{"empty.prod.svc.cluster.local.", mdns.TypeA, mdns.RcodeNameError, nil, soa, nil},   // no ready endpoint
 		// 2.5 ExternalName
 		{"ext.prod.svc.cluster.local.", mdns.TypeCNAME, 0, []string{"CNAME www.example.com."}, "", nil},
 		{"alias.prod.svc.cluster.local.", mdns.TypeA, 0, []string{"A 10.43.1.5", "CNAME web.prod.svc.cluster.local."}, "", nil},
