@@ -29,6 +29,15 @@
 //	entry) -> FDB: m is at 198.19.0.2 -> UDP 8472 over the underlay -> peer's
 //	knit-vx4 -> peer's cni0 -> pod
 //
+// Why no per-object change tracker (STYLE 1): the overlay's whole desired
+// state is one route and at most one FDB and neighbour entry per node, and
+// every sync dumps the kernel anyway to catch entries someone else removed.
+// Rendering it from the lister is a linear pass over the Nodes; tracking
+// previous/current per Node would save nothing. What the handler does
+// instead is drop the updates that matter to no one here (kubelet status
+// heartbeats: at 5,000 nodes, hundreds per second), so syncs follow real
+// changes only.
+//
 // The device is named after the underlay (outer) family and carries pod
 // traffic of both families, so IPv6 pods work over an IPv4 underlay. Peers
 // publish overlay.knit.dev/public-ip(-v6) and vtep-mac(-v6) on their own Node
