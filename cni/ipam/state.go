@@ -5,7 +5,7 @@
 // Data flow:
 //
 //	CNI ADD/DEL/GC (package cni, one short-lived process per call)
-//	agent reconciliation (package cni, NodeSetup)
+//	agent reconciliation (package cni/node, plugin.ReleaseWhere)
 //	        |  Store.Update(fn): flock(<network>.lock) -> read <network>.json
 //	        v
 //	     State (in memory) --fn--> Allocate / Release / Retain

@@ -420,11 +420,22 @@ func (p *plugin) syncHostports(store *ipam.Store) error {
 // renderHostports applies the hostport table for st's reservations. It is
 // called with the store lock held.
 func (p *plugin) renderHostports(st *ipam.State) error {
-	ms, conflicts := hostport.FromReservations(st.Reservations)
-	for _, c := range conflicts {
+	return renderHostports(st, p.newNFT, func(c hostport.Mapping) {
 		fmt.Fprintf(p.stderr, "knit: hostPort %d/%s of %s conflicts with an earlier pod, not mapped\n", c.HostPort, c.Protocol, c.Owner)
+	})
+}
+
+// renderHostports renders the hostport table from st in one transaction;
+// conflict is told about every mapping left out because an earlier pod
+// holds its port.
+func renderHostports(st *ipam.State, newNFT func() (knftables.Interface, error), conflict func(hostport.Mapping)) error {
+	ms, conflicts := hostport.FromReservations(st.Reservations)
+	if conflict != nil {
+		for _, c := range conflicts {
+			conflict(c)
+		}
 	}
-	nft, err := p.newNFT()
+	nft, err := newNFT()
 	if err != nil {
 		return fmt.Errorf("hostPort needs nftables: %w", err)
 	}
@@ -522,10 +533,35 @@ func (p *plugin) gc(conf *NetConf) error {
 	if err != nil {
 		return err
 	}
-	var released []ipam.Reservation
+	released, err := ReleaseWhere(store, p.newNFT, func(r ipam.Reservation) bool { return !valid[r.Attachment] })
 	var errs []error
-	err = store.Update(func(st *ipam.State) error {
-		released = st.Retain(func(r ipam.Reservation) bool { return valid[r.Attachment] })
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, r := range released {
+		if err := deleteLink(HostVethName(r.ContainerID, r.IfName)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("GC: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// ReleaseWhere releases, under the store's lock, every reservation drop
+// selects, and re-renders the hostPort table (newNFT, usually
+// hostport.New) when one of them had hostPorts. If the table cannot be
+// updated, the reservations with hostPorts are kept (their addresses must
+// not go to a new pod while DNAT still steers traffic to them), the others
+// are released and the error is returned. It returns what it released; the
+// caller deletes their host veths (HostVethName), as GC does. The agent's
+// reconciliation against the API's pods uses it too.
+func ReleaseWhere(store *ipam.Store, newNFT func() (knftables.Interface, error), drop func(ipam.Reservation) bool) ([]ipam.Reservation, error) {
+	var released []ipam.Reservation
+	var renderErr error
+	err := store.Update(func(st *ipam.State) error {
+		released = st.Retain(func(r ipam.Reservation) bool { return !drop(r) })
 		withPorts := false
 		for _, r := range released {
 			withPorts = withPorts || len(r.PortMappings) > 0
@@ -533,11 +569,7 @@ func (p *plugin) gc(conf *NetConf) error {
 		if !withPorts {
 			return nil
 		}
-		if err := p.renderHostports(st); err != nil {
-			// Keep the reservations whose DNAT could not be removed (their
-			// addresses must not go to a new pod while traffic is still
-			// steered to them); release the others.
-			errs = append(errs, err)
+		if renderErr = renderHostports(st, newNFT, nil); renderErr != nil {
 			kept := released[:0]
 			for _, r := range released {
 				if len(r.PortMappings) > 0 {
@@ -551,17 +583,9 @@ func (p *plugin) gc(conf *NetConf) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	for _, r := range released {
-		if err := deleteLink(HostVethName(r.ContainerID, r.IfName)); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) > 0 {
-		return fmt.Errorf("GC: %w", errors.Join(errs...))
-	}
-	return nil
+	return released, renderErr
 }
 
 func (p *plugin) check(a *cmdArgs, conf *NetConf) error {
