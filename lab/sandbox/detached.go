@@ -25,7 +25,7 @@ func Command(args ...string) (*exec.Cmd, error) {
 	}
 	argv := append(append(append([]string{}, unshareArgs...), "--"), args...)
 	cmd := exec.Command("unshare", argv...)
-	cmd.Env = append(os.Environ(), EnvSandbox+"=1", EnvHostNetNS+"="+hostNS)
+	cmd.Env = append(freshEnv(), EnvSandbox+"=1", EnvHostNetNS+"="+hostNS)
 	return cmd, nil
 }
 
@@ -52,4 +52,16 @@ func InnerPID(unsharePID int) (int, error) {
 		return 0, fmt.Errorf("sandbox: unshare process %d has no child", unsharePID)
 	}
 	return strconv.Atoi(f[0])
+}
+
+// freshEnv is this process's environment without the marker that says a
+// sandbox is already set up: a new sandbox must run its own Setup.
+func freshEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, envSetupDone+"=") {
+			env = append(env, kv)
+		}
+	}
+	return env
 }

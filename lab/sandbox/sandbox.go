@@ -53,6 +53,8 @@ const (
 	// EnvHostNetNS holds the /proc/self/ns/net link of the process that
 	// called Enter; InSandbox requires the current netns to differ from it.
 	EnvHostNetNS = "KNIT_SANDBOX_HOST_NETNS"
+	// envSetupDone is set once Setup prepared the sandbox, for children.
+	envSetupDone = "KNIT_SANDBOX_SETUP_DONE"
 
 	// UnderlayBridge is the underlay bridge Setup creates in the sandbox's
 	// root netns.
@@ -125,7 +127,7 @@ func Enter(args ...string) (int, error) {
 	argv := append(append(append([]string{}, unshareArgs...), "--"), args...)
 	cmd := exec.Command("unshare", argv...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), EnvSandbox+"=1", EnvHostNetNS+"="+hostNS)
+	cmd.Env = append(freshEnv(), EnvSandbox+"=1", EnvHostNetNS+"="+hostNS)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	err = cmd.Run()
 	var exitErr *exec.ExitError
@@ -156,7 +158,17 @@ func Setup() error {
 	if err := Check(); err != nil {
 		return err
 	}
-	setupOnce.Do(func() { setupErr = setup() })
+	setupOnce.Do(func() {
+		// A process started inside an already prepared sandbox (a
+		// `go test -fuzz` worker, a lab agent) inherits this variable and
+		// must not mount a second /run over the one its parent uses.
+		if os.Getenv(envSetupDone) == "1" {
+			return
+		}
+		if setupErr = setup(); setupErr == nil {
+			os.Setenv(envSetupDone, "1")
+		}
+	})
 	return setupErr
 }
 
