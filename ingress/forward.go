@@ -29,6 +29,7 @@ type clientConn struct {
 	c        net.Conn
 	rd       reader
 	w        bufWriter
+	wbp      *[]byte // pooled backing of w.buf
 	https    bool
 	remoteIP string
 
@@ -131,17 +132,21 @@ func (cc *clientConn) release() {
 }
 
 func (cc *clientConn) getWriteBuf() {
-	if cc.w.buf == nil {
-		cc.w.buf = (*writeBufPool.Get().(*[]byte))[:0]
+	if cc.wbp == nil {
+		cc.wbp = writeBufPool.Get().(*[]byte)
+		cc.w.buf = (*cc.wbp)[:0]
 	}
 }
 
 func (cc *clientConn) putWriteBuf() {
-	if cc.w.buf != nil && cap(cc.w.buf) == writeBufSize {
-		b := cc.w.buf[:0]
-		writeBufPool.Put(&b)
+	if cc.wbp == nil {
+		return
 	}
-	cc.w.buf = nil
+	if cap(cc.w.buf) == writeBufSize {
+		*cc.wbp = cc.w.buf[:0]
+		writeBufPool.Put(cc.wbp)
+	}
+	cc.wbp, cc.w.buf = nil, nil
 }
 
 // serve runs the connection until the client goes away, a request asks to

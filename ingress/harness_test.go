@@ -53,6 +53,11 @@ func testLogger() *slog.Logger {
 
 func newHarness(t testing.TB, cfg Config, in *staticInput) *harness {
 	t.Helper()
+	return newHarnessLog(t, cfg, in, testLogger())
+}
+
+func newHarnessLog(t testing.TB, cfg Config, in *staticInput, log *slog.Logger) *harness {
+	t.Helper()
 	cfg.HTTPAddr, cfg.HTTPSAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.setDefaults()
 	reg := prometheus.NewRegistry()
@@ -60,7 +65,7 @@ func newHarness(t testing.TB, cfg Config, in *staticInput) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := newServer(&cfg, m, testLogger())
+	srv, err := newServer(&cfg, m, log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,9 +6,11 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -635,4 +637,62 @@ func TestTLSBySNIAndRenewal(t *testing.T) {
 		}
 		tr.CloseIdleConnections()
 	}
+}
+
+func TestMetricsAndAccessLog(t *testing.T) {
+	be := newBackend(t, "a")
+	var logBuf syncBuffer
+	h := newHarnessLog(t, Config{AccessLog: true}, endpointsInput(oneRoute("a.com", "svc"), map[string][]string{"svc": {be.hostPort()}}),
+		slog.New(slog.NewTextHandler(&logBuf, nil)))
+	c := h.client()
+	for _, u := range []string{"http://a.com/x", "http://a.com/y", "http://nowhere.com/"} {
+		resp, err := c.Get(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	mfs, _ := h.reg.Gather()
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "knit_ingress_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			got[l["host"]+"|"+l["status"]+"|"+l["backend"]] = m.GetCounter().GetValue()
+		}
+	}
+	if got["a.com|200|default/svc:80"] != 2 || got["|404|"] != 1 {
+		t.Errorf("requests_total %v", got)
+	}
+	if h.counter("knit_ingress_active_connections") < 1 {
+		t.Error("active connections gauge not counting")
+	}
+	out := logBuf.String()
+	for _, want := range []string{"msg=access", "method=GET", "host=a.com", "path=/x", "status=200", "backend=default/svc:80", "endpoint=" + be.hostPort(), "status=404", "request_id="} {
+		if !strings.Contains(out, want) {
+			t.Errorf("access log lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
