@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -81,7 +82,7 @@ func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
 	}
 }
 
-// renderer returns the per-sync render settings.
+// rendererFor returns the render settings of one sync.
 func rendererFor(st *state) *renderer {
 	return &renderer{masqMark: st.static.masqMark, clusterCIDRs: st.static.clusterCIDRs, topo: st.topo}
 }
@@ -112,47 +113,84 @@ func (b *nftBackend) deleteStale(ctx context.Context, now time.Time) (pending bo
 func (b *nftBackend) sync(ctx context.Context, st *state, changed map[types.NamespacedName]bool, full bool) (syncResult, error) {
 	now := time.Now()
 	b.deleteStale(ctx, now)
-	r := rendererFor(st)
 	if full {
-		return b.fullSync(ctx, st, r, now)
+		return b.fullSync(ctx, st, rendererFor(st), now)
 	}
-	return b.partialSync(ctx, st, r, changed, now)
+	return b.partialSync(ctx, st, rendererFor(st), changed, now)
 }
 
 func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now time.Time) (syncResult, error) {
-	// Names of chains and sets already in the table, to flush leftovers
-	// (from removed Services, or from before a restart). A missing table is
-	// simply empty.
-	existingChains, err := b.nft.List(ctx, "chains")
-	if err != nil && !knftables.IsNotFound(err) {
-		return syncResult{}, fmt.Errorf("list chains: %w", err)
-	}
-	existingSets, err := b.nft.List(ctx, "sets")
-	if err != nil && !knftables.IsNotFound(err) {
-		return syncResult{}, fmt.Errorf("list sets: %w", err)
+	// Names of chains, sets and maps already in the table, to remove
+	// leftovers (of removed Services, or from before a restart). A missing
+	// table is simply empty.
+	existing := map[string][]string{}
+	for _, typ := range []string{"chains", "sets", "maps"} {
+		names, err := b.nft.List(ctx, typ)
+		if err != nil && !knftables.IsNotFound(err) {
+			return syncResult{}, fmt.Errorf("list %s: %w", typ, err)
+		}
+		existing[typ] = names
 	}
 
 	renders := make(map[types.NamespacedName]*svcRender, len(st.services))
 	claims := make(map[string][]claim, len(st.services)*4)
-	for name, info := range st.services {
-		rd := r.renderService(name, info, st.endpoints[name])
+	names := sortedNames(st.services)
+	for _, name := range names {
+		rd := r.renderService(name, st.services[name], st.endpoints[name])
 		renders[name] = rd
 		for _, el := range rd.elements {
 			id := el.id()
 			claims[id] = append(claims[id], claim{svc: name, el: el})
 		}
 	}
+	sets, maps := staticSets()
+	static, staticElems := staticChains(st.static)
 
+	// Phase 1: create every table object that is missing, empty. Harmless
+	// (nothing refers to a new object yet), and it lets phase 2 refer to
+	// objects by name: the kernel resolves a reference to an object created
+	// in the same transaction by walking the transaction, which is
+	// quadratic at 10,000 Services.
 	tx := b.nft.NewTransaction()
 	tx.Add(&knftables.Table{Comment: knftables.PtrTo("knit service proxy")})
-	sets, maps := staticSets()
-	for _, s := range sets {
-		tx.Add(s)
-		tx.Flush(s)
+	for _, o := range sets {
+		tx.Add(o)
 	}
-	for _, m := range maps {
-		tx.Add(m)
-		tx.Flush(m)
+	for _, o := range maps {
+		tx.Add(o)
+	}
+	for _, c := range static {
+		tx.Add(&knftables.Chain{Name: c.name})
+	}
+	desired := map[string]bool{}
+	for _, name := range names {
+		rd := renders[name]
+		for i := range rd.sets {
+			// Not flushed, ever: affinity sets hold the clients' current
+			// endpoints. "add" updates a changed timeout.
+			tx.Add(rd.sets[i].object())
+			desired[rd.sets[i].name] = true
+		}
+		for i := range rd.maps {
+			tx.Add(rd.maps[i].object())
+			desired[rd.maps[i].name] = true
+		}
+		for _, c := range rd.chains {
+			tx.Add(&knftables.Chain{Name: c.name})
+			desired[c.name] = true
+		}
+	}
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return syncResult{}, fmt.Errorf("nftables full sync, creating objects (%d operations): %w", tx.NumOperations(), err)
+	}
+
+	// Phase 2, one atomic transaction: replace the contents of everything.
+	tx = b.nft.NewTransaction()
+	for _, o := range sets {
+		tx.Flush(o)
+	}
+	for _, o := range maps {
+		tx.Flush(o)
 	}
 	if b.resetBaseChains {
 		for _, bc := range baseChains {
@@ -166,29 +204,29 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		tx.Add(c)
 		tx.Flush(c)
 	}
-	static, staticElems := staticChains(st.static)
 	for _, c := range static {
-		tx.Add(&knftables.Chain{Name: c.name})
 		tx.Flush(&knftables.Chain{Name: c.name})
 	}
 	res := syncResult{elementsBy: map[string]int{}}
-	desiredChains := map[string]bool{}
-	desiredSets := map[string]bool{}
-	// Affinity sets and Service chains must exist before any rule or
-	// element refers to them. Affinity sets are not flushed: they hold
-	// the clients' current endpoint choices.
-	names := sortedNames(renders)
 	for _, name := range names {
 		rd := renders[name]
 		res.noLocal += rd.noLocal
-		for i := range rd.sets {
-			tx.Add(rd.sets[i].object())
-			desiredSets[rd.sets[i].name] = true
-		}
 		for _, c := range rd.chains {
-			tx.Add(&knftables.Chain{Name: c.name})
 			tx.Flush(&knftables.Chain{Name: c.name})
-			desiredChains[c.name] = true
+		}
+		for i := range rd.maps {
+			tx.Flush(rd.maps[i].object())
+		}
+	}
+	// Leftover chains are flushed now and deleted later (see
+	// staleChainDelay); leftover sets and maps go once nothing refers to
+	// them, at the end of this transaction.
+	for _, c := range existing["chains"] {
+		if isServiceObject(c) && !desired[c] {
+			tx.Flush(&knftables.Chain{Name: c})
+			if _, ok := b.stale[c]; !ok {
+				b.stale[c] = now
+			}
 		}
 	}
 	for _, bc := range baseChains {
@@ -221,26 +259,23 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		tx.Add(el.object())
 		applied[id] = el
 	}
-	for _, c := range existingChains {
-		if isServiceObject(c) && !desiredChains[c] {
-			tx.Flush(&knftables.Chain{Name: c})
-			if _, ok := b.stale[c]; !ok {
-				b.stale[c] = now
-			}
-		}
-	}
-	for _, s := range existingSets {
-		if strings.HasPrefix(s, prefixAffinity) && !desiredSets[s] {
+	for _, s := range existing["sets"] {
+		if isServiceObject(s) && !desired[s] {
 			tx.Delete(&knftables.Set{Name: s})
 		}
 	}
+	for _, m := range existing["maps"] {
+		if isServiceObject(m) && !desired[m] {
+			tx.Delete(&knftables.Map{Name: m})
+		}
+	}
 	if err := b.nft.Run(ctx, tx); err != nil {
-		// The table is as before. Forget what we think is applied; the
-		// next sync is full again.
+		// The table's contents are as before. Forget what we think is
+		// applied; the next sync is full again.
 		clear(b.stale)
 		return syncResult{}, fmt.Errorf("nftables full sync (%d operations): %w", tx.NumOperations(), err)
 	}
-	for c := range desiredChains {
+	for c := range desired {
 		delete(b.stale, c)
 	}
 	b.resetBaseChains = false
@@ -253,6 +288,7 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	newRenders := make(map[types.NamespacedName]*svcRender, len(changed))
 	touched := map[string]bool{}
 	var flushed, deletedSets []string
+	deletedMaps := map[string]bool{}
 	var rewrite []chain
 	res := syncResult{elementsBy: map[string]int{}}
 	for name := range changed {
@@ -264,7 +300,11 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		newRenders[name] = rd
 		oldChains := map[string][]rule{}
 		oldSets := map[string]time.Duration{}
+		oldMaps := map[string]bool{}
 		if old != nil {
+			for _, m := range old.maps {
+				oldMaps[m.name] = true
+			}
 			for _, c := range old.chains {
 				oldChains[c.name] = c.rules
 			}
@@ -309,6 +349,12 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 				tx.Add(rd.sets[i].object())
 				delete(oldSets, rd.sets[i].name)
 			}
+			for i := range rd.maps {
+				if !oldMaps[rd.maps[i].name] {
+					tx.Add(rd.maps[i].object())
+				}
+				delete(oldMaps, rd.maps[i].name)
+			}
 			for _, el := range rd.elements {
 				touched[el.id()] = true
 			}
@@ -316,6 +362,9 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		flushOld(tx, oldChains, &flushed)
 		for s := range oldSets {
 			deletedSets = append(deletedSets, s)
+		}
+		for m := range oldMaps {
+			deletedMaps[m] = true
 		}
 	}
 
@@ -349,7 +398,9 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		cur, inKernel := b.applied[id]
 		if len(cl) == 0 {
 			if inKernel {
-				tx.Delete(cur.object())
+				if !deletedMaps[cur.container] { // else it goes with its map
+					tx.Delete(cur.object())
+				}
 				newApplied[id] = nil
 			}
 			continue
@@ -364,12 +415,16 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		adds = append(adds, want)
 		newApplied[id] = &want
 	}
+	slices.SortFunc(adds, func(a, b element) int { return strings.Compare(a.id(), b.id()) })
 	for _, el := range adds {
 		tx.Add(el.object())
 	}
 	slices.Sort(deletedSets)
 	for _, s := range deletedSets {
 		tx.Delete(&knftables.Set{Name: s})
+	}
+	for _, m := range slices.Sorted(maps.Keys(deletedMaps)) {
+		tx.Delete(&knftables.Map{Name: m})
 	}
 	if tx.NumOperations() > 0 {
 		if err := b.nft.Run(ctx, tx); err != nil {

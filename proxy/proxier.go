@@ -380,7 +380,8 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 	p.triggers = p.triggers[:0]
 	p.m.rules.Set(float64(res.rules))
 	for _, f := range []family{v4, v6} {
-		for _, c := range []string{mapServiceIPs, mapServiceNodePorts, mapNoEPServices, mapNoEPNodePorts, setClusterIPs, setNodePortIPs, setHairpin, setLocalServiceIPs} {
+		for _, c := range []string{mapServiceIPs, mapServiceNodePorts, mapNoEPServices, mapNoEPNodePorts,
+			setClusterIPs, setNodePortIPs, setHairpin, setLocalServiceIPs, setClusterCIDRs} {
 			name := perFamily(c, f)
 			p.m.elements.WithLabelValues(name).Set(float64(res.elementsBy[name]))
 		}

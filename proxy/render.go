@@ -40,6 +40,8 @@ const (
 	setNodePortIPs        = "nodeport-ips"
 	setHairpin            = "hairpin-connections"
 	setLocalServiceIPs    = "local-service-ips"
+	setClusterCIDRs       = "cluster-cidrs"
+	suffixEndpoints       = "/endpoints"
 	prefixCluster         = "service-"
 	prefixLocal           = "local-"
 	prefixExternal        = "external-"
@@ -131,9 +133,27 @@ type svcRender struct {
 	chains   []chain
 	sets     []affinitySet
 	elements []element
+	// maps are the Service's endpoint maps (numgen index -> endpoint).
+	maps []epMap
 	// noLocal counts ports that drop external traffic for lack of a local
 	// endpoint (metrics only).
 	noLocal int
+}
+
+// epMap is a policy chain's map from a numgen index to an endpoint
+// (address . port), or with affinity to an endpoint chain (verdict).
+type epMap struct {
+	name    string
+	family  family
+	verdict bool
+}
+
+func (m *epMap) object() *knftables.Map {
+	typ := "numgen random mod 1 : " + m.family.ipX() + " daddr . tcp dport"
+	if m.verdict {
+		typ = "numgen random mod 1 : verdict"
+	}
+	return &knftables.Map{Name: m.name, TypeOf: typ}
 }
 
 // renderer holds what every render needs besides the Service itself.
@@ -158,7 +178,10 @@ func chainBase(svc types.NamespacedName, sp *servicePort) string {
 // chainName builds a chain or set name, hashing only when the readable one
 // would exceed nft's limit (it cannot with Kubernetes' own name limits).
 func chainName(prefix string, f family, base string) string {
-	n := prefix + f.String() + "-" + base
+	return limitName(prefix + f.String() + "-" + base)
+}
+
+func limitName(n string) string {
 	if len(n) <= knftables.NameLengthMax {
 		return n
 	}
@@ -294,9 +317,9 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 			// Policy Local keeps the client address. Pods and the node
 			// itself reaching an external address behave as if they went
 			// out to the load balancer and came back: policy Cluster.
-			if cidrs := r.clusterCIDRs[f]; cidrs != "" {
+			if r.clusterCIDRs[f] != "" {
 				ch.rules = append(ch.rules, rule{
-					text: ipX + " saddr { " + cidrs + " } goto " + clusterChain, comment: commentShortCircuitPd,
+					text: ipX + " saddr @" + perFamily(setClusterCIDRs, f) + " goto " + clusterChain, comment: commentShortCircuitPd,
 				})
 			}
 			ch.rules = append(ch.rules,
@@ -323,54 +346,54 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 		}
 	}
 	if usesCluster {
-		out.chains = append(out.chains, r.policyChain(clusterChain, base, sp, es.cluster))
+		out.chains = append(out.chains, r.policyChain(out, clusterChain, base, sp, es.cluster))
 	}
 	if usesLocal {
-		out.chains = append(out.chains, r.policyChain(localChain, base, sp, es.local))
+		out.chains = append(out.chains, r.policyChain(out, localChain, base, sp, es.local))
 	}
 }
 
-// policyChain picks one of eps at random (numgen) and DNATs to it, or with
-// ClientIP affinity first sends clients seen recently to their endpoint.
-// Per-packet cost is one map lookup whatever the endpoint count.
-func (r *renderer) policyChain(name, base string, sp *servicePort, eps []endpoint) chain {
+// policyChain picks one of eps at random and DNATs to it, or with ClientIP
+// affinity first sends clients seen recently to their endpoint. Per-packet
+// cost is one map lookup whatever the endpoint count.
+//
+// The endpoints are in a named map per chain ("<chain>/endpoints"), not an
+// anonymous map in the rule, and not one map shared by all Services: the
+// kernel handles thousands of anonymous sets in one transaction in quadratic
+// time (40 s of system time for 10,000 Services here), and validates every
+// element of a map against every rule of another chain that uses it (also
+// quadratic for a shared map). A map of its own per chain costs neither.
+func (r *renderer) policyChain(out *svcRender, name, base string, sp *servicePort, eps []endpoint) chain {
 	f := sp.family
 	ipX := f.ipX()
 	ch := chain{name: name}
+	if len(eps) == 1 && sp.sticky == 0 {
+		ch.rules = []rule{{text: "meta l4proto " + sp.proto + " dnat " + ipX + " to " + eps[0].hostPort()}}
+		return ch
+	}
+	m := epMap{name: limitName(name + suffixEndpoints), family: f, verdict: sp.sticky > 0}
+	out.maps = append(out.maps, m)
+	pick := fmt.Sprintf("numgen random mod %d", len(eps))
 	if sp.sticky > 0 {
-		var vmap strings.Builder
 		for i := range eps {
 			eb := endpointBase(base, &eps[i])
 			epChain := chainName(prefixEndpoint, f, eb)
 			ch.rules = append(ch.rules, rule{
 				text: ipX + " saddr @" + chainName(prefixAffinity, f, eb) + " goto " + epChain,
 			})
-			if i > 0 {
-				// " , ": knftables (like nft) must see the chain name
-				// without the comma to check the reference.
-				vmap.WriteString(" , ")
-			}
-			fmt.Fprintf(&vmap, "%d : goto %s", i, epChain)
+			out.elements = append(out.elements, element{container: m.name, key: []string{strconv.Itoa(i)}, value: "goto " + epChain})
 		}
-		ch.rules = append(ch.rules, rule{
-			text: fmt.Sprintf("numgen random mod %d vmap { %s }", len(eps), vmap.String()),
-		})
+		ch.rules = append(ch.rules, rule{text: pick + " vmap @" + m.name})
 		return ch
 	}
-	if len(eps) == 1 {
-		ch.rules = []rule{{text: "meta l4proto " + sp.proto + " dnat " + ipX + " to " + eps[0].hostPort()}}
-		return ch
-	}
-	var m strings.Builder
-	fmt.Fprintf(&m, "meta l4proto %s dnat %s addr . port to numgen random mod %d map { ", sp.proto, ipX, len(eps))
 	for i := range eps {
-		if i > 0 {
-			m.WriteString(", ")
-		}
-		fmt.Fprintf(&m, "%d : %s . %d", i, eps[i].addr, eps[i].port)
+		out.elements = append(out.elements, element{
+			container: m.name,
+			key:       []string{strconv.Itoa(i)},
+			value:     eps[i].addr.String() + " . " + strconv.Itoa(int(eps[i].port)),
+		})
 	}
-	m.WriteString(" }")
-	ch.rules = []rule{{text: m.String()}}
+	ch.rules = []rule{{text: "meta l4proto " + sp.proto + " dnat " + ipX + " addr . port to " + pick + " map @" + m.name}}
 	return ch
 }
 
@@ -405,6 +428,8 @@ func staticSets() (sets []*knftables.Set, maps []*knftables.Map) {
 				Comment: knftables.PtrTo("local endpoints: a connection to itself through its Service")},
 			&knftables.Set{Name: perFamily(setLocalServiceIPs, f), Type: a,
 				Comment: knftables.PtrTo("Service IPs answered by a process on this node")},
+			&knftables.Set{Name: perFamily(setClusterCIDRs, f), Type: a, Flags: []knftables.SetFlag{knftables.IntervalFlag},
+				Comment: knftables.PtrTo("Pod CIDRs: traffic from inside the cluster")},
 		)
 	}
 	return sets, maps
@@ -438,9 +463,12 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 		}
 		if cidrs := c.clusterCIDRs[f]; cidrs != "" {
 			services.rules = append(services.rules, rule{
-				text:    ipX + " daddr @" + perFamily(setClusterIPs, f) + " " + ipX + " saddr != { " + cidrs + " } " + masq,
+				text:    ipX + " daddr @" + perFamily(setClusterIPs, f) + " " + ipX + " saddr != @" + perFamily(setClusterCIDRs, f) + " " + masq,
 				comment: "masquerade ClusterIP traffic from outside the cluster",
 			})
+			for _, p := range strings.Split(cidrs, ", ") {
+				elems = append(elems, element{container: perFamily(setClusterCIDRs, f), key: []string{p}})
+			}
 		}
 		services.rules = append(services.rules, rule{
 			text: ipX + " daddr . meta l4proto . th dport vmap @" + perFamily(mapServiceIPs, f),

@@ -137,12 +137,10 @@ func (tr *tracer) step(rule string, toks []string, p *packet) (bool, outcome, []
 		}
 		return true, o, toks[2:]
 	case has(toks, "numgen", "random", "mod"):
-		// numgen random mod N vmap { 0 : goto X, 1 : goto Y }: follow all.
+		// numgen random mod N vmap @m: follow every index.
 		var all outcome
-		items, _ := braced(rule, toks[5:])
-		for _, e := range items {
-			f := strings.Fields(e)
-			o := tr.runChain(f[3], p)
+		for _, v := range tr.indexed(rule, toks) {
+			o := tr.runRule(v, p)
 			all.v = o.v
 			all.targets = append(all.targets, o.targets...)
 		}
@@ -178,6 +176,8 @@ func (tr *tracer) match(rule string, toks []string, p *packet) (bool, outcome, [
 	switch {
 	case strings.HasPrefix(toks[0], "@"):
 		return tr.inSet(toks[0][1:], key), cont, toks[1:]
+	case toks[0] == "!=" && strings.HasPrefix(toks[1], "@"):
+		return !tr.inSet(toks[1][1:], key), cont, toks[2:]
 	case toks[0] == "vmap" && strings.HasPrefix(toks[1], "@"):
 		el := tr.lookup(toks[1][1:], key)
 		if el == nil {
@@ -229,12 +229,29 @@ func (tr *tracer) dnat(rule string, toks []string, p *packet) outcome {
 	if toks[2] == "to" {
 		return outcome{v: vDNAT, targets: []string{toks[3]}}
 	}
-	var out outcome
-	out.v = vDNAT
-	items, _ := braced(rule, toks[slices.Index(toks, "map")+1:])
-	for _, e := range items {
-		f := strings.Fields(e) // 0 : A . P
-		out.targets = append(out.targets, netip.AddrPortFrom(netip.MustParseAddr(f[2]), uint16(tr.num(rule, f[4]))).String())
+	// dnat ip addr . port to numgen random mod N map @m
+	out := outcome{v: vDNAT}
+	for _, v := range tr.indexed(rule, toks[slices.Index(toks, "numgen"):]) {
+		f := strings.Fields(v) // A . P
+		out.targets = append(out.targets, netip.AddrPortFrom(netip.MustParseAddr(f[0]), uint16(tr.num(rule, f[2]))).String())
+	}
+	return out
+}
+
+// indexed returns the values at indexes 0..N-1 of the map named in
+// "numgen random mod N (v)map @m": every choice numgen may make.
+func (tr *tracer) indexed(rule string, toks []string) []string {
+	if len(toks) < 6 || (toks[4] != "map" && toks[4] != "vmap") {
+		tr.fail(rule, "unknown numgen form")
+	}
+	n := tr.num(rule, toks[3])
+	var out []string
+	for i := range n {
+		el := tr.lookup(strings.TrimPrefix(toks[5], "@"), []string{strconv.Itoa(int(i))})
+		if el == nil {
+			tr.fail(rule, fmt.Sprintf("no element %d", i))
+		}
+		out = append(out, el.Value[0])
 	}
 	return out
 }
@@ -243,6 +260,14 @@ func (tr *tracer) inSet(name string, key []string) bool {
 	s := tr.table.Sets[name]
 	if s == nil {
 		tr.t.Fatalf("tracer: no set %q", name)
+	}
+	if len(key) == 1 && slices.Contains(s.Flags, knftables.IntervalFlag) {
+		for _, e := range s.Elements {
+			if inAnon(key[0], e.Key) {
+				return true
+			}
+		}
+		return false
 	}
 	return s.FindElement(key...) != nil
 }
