@@ -38,8 +38,11 @@ func buildOverlay(a *Agent) (Component, error) {
 	cfg := a.cfg.Component.Overlay
 	cfg.NodeName = a.cfg.NodeName
 	cfg.ClusterCIDRs = a.cfg.ClusterCIDRs
-	if !cfg.NodeIP.IsValid() && len(a.nodeIPs) > 0 {
-		cfg.NodeIP = a.nodeIPs[0]
+	// NodeIP stays unset unless --node-ip gave exactly one address: the
+	// overlay then takes the Node's InternalIPs itself, one VXLAN device
+	// per underlay family on a dual-stack underlay.
+	if !cfg.NodeIP.IsValid() && len(a.cfg.NodeIPs) == 1 {
+		cfg.NodeIP = a.cfg.NodeIPs[0]
 	}
 	o, err := overlay.New(cfg, overlay.Sources{Nodes: a.cache.Nodes(), Client: a.conn.Client}, a.reg, a.log.With("component", "overlay"))
 	if err != nil {
