@@ -507,7 +507,7 @@ func (cc *clientConn) forward(rt *route, start time.Time) bool {
 	if set.accessLog {
 		cc.log.reqID = string(reqID)
 	}
-	if req.expect100 && req.hasBody() && !bodyBuffered {
+	if req.expect100 && req.http11 && req.hasBody() && !bodyBuffered {
 		// Answer the expectation ourselves and drop it: the body is then
 		// streamed to the endpoint after the head, never waiting on it.
 		if _, err := io.WriteString(cc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
@@ -536,6 +536,12 @@ func (cc *clientConn) forward(rt *route, start time.Time) bool {
 		}
 		reused := true
 		uc = up.getIdle()
+		for uc != nil && !(idem && replayable) && !uc.alive() {
+			// A request that cannot be sent twice must not go out on a
+			// connection the upstream already closed.
+			uc.close()
+			uc = up.getIdle()
+		}
 		if uc == nil {
 			reused = false
 			var err error

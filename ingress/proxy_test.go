@@ -247,8 +247,15 @@ func TestStaleKeepAliveRetried(t *testing.T) {
 	be := newBackend(t, "a")
 	h := newHarness(t, Config{}, endpointsInput(oneRoute("a.com", "svc"), map[string][]string{"svc": {be.hostPort()}}))
 	c := h.client()
-	for i := 0; i < 5; i++ {
-		resp, err := c.Get("http://a.com/x")
+	for i := 0; i < 10; i++ {
+		var resp *http.Response
+		var err error
+		if i%2 == 0 {
+			resp, err = c.Get("http://a.com/x")
+		} else {
+			// Not retryable: must never be sent on the dead connection.
+			resp, err = c.Post("http://a.com/p", "text/plain", strings.NewReader("x"))
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -652,18 +659,26 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		}
 		resp.Body.Close()
 	}
-	mfs, _ := h.reg.Gather()
-	got := map[string]float64{}
-	for _, mf := range mfs {
-		if mf.GetName() != "knit_ingress_requests_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			l := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				l[lp.GetName()] = lp.GetValue()
+	// Metrics are recorded just after the response is flushed: poll.
+	var got map[string]float64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		got = map[string]float64{}
+		mfs, _ := h.reg.Gather()
+		for _, mf := range mfs {
+			if mf.GetName() != "knit_ingress_requests_total" {
+				continue
 			}
-			got[l["host"]+"|"+l["status"]+"|"+l["backend"]] = m.GetCounter().GetValue()
+			for _, m := range mf.GetMetric() {
+				l := map[string]string{}
+				for _, lp := range m.GetLabel() {
+					l[lp.GetName()] = lp.GetValue()
+				}
+				got[l["host"]+"|"+l["status"]+"|"+l["backend"]] = m.GetCounter().GetValue()
+			}
+		}
+		if l := logBuf.String(); got["a.com|200|default/svc:80"] == 2 && got["|404|"] == 1 &&
+			strings.Contains(l, "path=/y") && strings.Contains(l, "status=404") {
+			break
 		}
 	}
 	if got["a.com|200|default/svc:80"] != 2 || got["|404|"] != 1 {

@@ -292,7 +292,7 @@ func (cc *clientConn) forwardSlow(rt *route, start time.Time) bool {
 		Body:       http.NoBody,
 	}
 	if req.hasBody() {
-		if req.expect100 {
+		if req.expect100 && req.http11 {
 			if _, err := io.WriteString(cc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
 				return false
 			}

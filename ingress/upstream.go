@@ -6,6 +6,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -183,6 +184,30 @@ func (u *upstream) dial() (*upConn, error) {
 	uc := &upConn{c: c, up: u}
 	uc.rd = reader{c: c, buf: upBufPool.Get().([]byte)}
 	return uc, nil
+}
+
+// alive checks, without blocking, that an idle connection was not closed
+// (or written to) by the upstream while it sat in the pool. It costs a
+// syscall, so it is only used before sending a request that cannot be
+// retried.
+func (c *upConn) alive() bool {
+	sc, ok := c.c.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	ok = false
+	err = rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		_ = n
+		ok = err == syscall.EAGAIN || err == syscall.EWOULDBLOCK
+		return true
+	})
+	return err == nil && ok
 }
 
 func (c *upConn) close() {
