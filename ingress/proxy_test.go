@@ -657,6 +657,7 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		io.Copy(io.Discard, resp.Body) // so the client keeps the connection
 		resp.Body.Close()
 	}
 	// Metrics are recorded just after the response is flushed: poll.
