@@ -712,3 +712,80 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// scriptedBackend answers every request with the same raw bytes and then
+// closes the connection.
+func scriptedBackend(t *testing.T, raw string) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				io.WriteString(c, raw)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+	return ln.Addr().String()
+}
+
+func TestUpstreamFraming(t *testing.T) {
+	tests := []struct {
+		name     string
+		raw      string
+		code     int
+		body     string
+		chunked  bool
+		complete bool // the client can tell the body is complete
+	}{
+		{"close-delimited", "HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil close", 200, "until close", true, true},
+		{"CL and TE", "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 502, "", false, true},
+		{"bad status line", "HTTP/1.1 2xx OK\r\n\r\n", 502, "", false, true},
+		{"no reason", "HTTP/1.1 204\r\n\r\n", 204, "", false, true},
+		{"interim then final", "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, "ok", false, true},
+		{"truncated chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", 200, "ab", true, false},
+		{"truncated length", "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", 200, "ab", false, false},
+	}
+	for _, tc := range tests {
+		addr := scriptedBackend(t, tc.raw)
+		h := newHarness(t, Config{EjectAfter: 1000}, endpointsInput(oneRoute("a.com", "svc"), map[string][]string{"svc": {addr}}))
+		c, err := net.Dial("tcp", h.http)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: a.com\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+			c.Close()
+			continue
+		}
+		b, err := io.ReadAll(resp.Body)
+		c.Close()
+		if resp.StatusCode != tc.code {
+			t.Errorf("%s: status %d, want %d", tc.name, resp.StatusCode, tc.code)
+			continue
+		}
+		if tc.code != 200 {
+			continue
+		}
+		if (err == nil) != tc.complete {
+			t.Errorf("%s: body error %v; a truncated upstream body must show as truncated", tc.name, err)
+		}
+		if string(b) != tc.body || (len(resp.TransferEncoding) > 0) != tc.chunked {
+			t.Errorf("%s: body %q TE %v", tc.name, b, resp.TransferEncoding)
+		}
+	}
+}

@@ -3,7 +3,6 @@ package ingress
 import (
 	"bytes"
 	"crypto/tls"
-	"sync/atomic"
 )
 
 // table is one immutable routing state: built whole by the sync loop from
@@ -65,7 +64,6 @@ type backend struct {
 	msg    string
 	h2c    bool // appProtocol kubernetes.io/h2c: HTTP/2 without TLS
 	eps    []*upstream
-	rr     atomic.Uint32 // P2C's random source when there are 2 endpoints
 }
 
 // certTable maps SNI names to certificates.
