@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -69,10 +70,26 @@ func TestPacketFlows(t *testing.T) {
 		{name: "dual-stack: IPv6 NodePort from outside", src: outside6, dst: nodeIP6, port: 30024, out: "[fd42::1:9]:8080, [fd42::2:9]:8080", masq: true},
 		{name: "dual-stack: IPv6 ClusterIP from outside", src: outside6, dst: "fd43::24", port: 80, out: "[fd42::1:9]:8080, [fd42::2:9]:8080", masq: true},
 		{name: "IPv6 unallocated ClusterIP is dropped", src: pod6, dst: "fd43::99", port: 80, out: "DROP"},
+		{name: "many endpoints: map", src: pod, dst: "10.43.0.35", port: 80, out: bigOut("10.42.7")},
+		{name: "many endpoints with affinity: vmap", src: pod, dst: "10.43.0.36", port: 80, out: bigOut("10.42.8")},
 		// Not ours
 		{name: "headless: pod IPs are untouched", src: pod, dst: "10.42.2.19", port: 8080, out: "ACCEPT"},
 		{name: "plain pod-to-pod traffic", src: pod, dst: farPod, port: 8080, out: "ACCEPT"},
 	})
+}
+
+// bigOut lists the endpoints of the many-endpoints shape in render order.
+func bigOut(prefix string) string {
+	var list []endpoint
+	for _, e := range eps(inlineEndpointsMax+1, prefix, "") {
+		list = append(list, endpoint{addr: netip.MustParseAddr(e.ip), port: 8080})
+	}
+	sortEndpoints(list)
+	var s []string
+	for _, e := range list {
+		s = append(s, e.hostPort())
+	}
+	return strings.Join(s, ", ")
 }
 
 // TestVXLANNotMasqueradedTwice is the kubernetes #88986 regression: the

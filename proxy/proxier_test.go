@@ -125,7 +125,15 @@ func TestPartialSyncsEqualFullSync(t *testing.T) {
 		{"its endpoints appear", func() {
 			h.addSlice(slice("ns2", "new", "new-1", 8080, eps(3, "10.42.5", otherNode)))
 		}},
-		{"scale down to one", func() {
+		{"scale past the inline limit (a map appears)", func() {
+			h.updateSlice(slice("ns2", "new", "new-1", 8080, eps(inlineEndpointsMax+5, "10.42.5", otherNode)))
+		}},
+		{"change one endpoint in the map", func() {
+			e := eps(inlineEndpointsMax+5, "10.42.5", otherNode)
+			e[3].ip = "10.42.6.3"
+			h.updateSlice(slice("ns2", "new", "new-1", 8080, e))
+		}},
+		{"scale down to one (the map goes)", func() {
 			h.updateSlice(slice("ns2", "new", "new-1", 8080, eps(1, "10.42.5", otherNode)))
 		}},
 		{"affinity endpoint goes away", func() {

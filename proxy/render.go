@@ -353,47 +353,69 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 	}
 }
 
+// inlineEndpointsMax: up to this many endpoints a policy chain chooses with
+// one rule per endpoint; above, with a map of its own.
+const inlineEndpointsMax = 32
+
 // policyChain picks one of eps at random and DNATs to it, or with ClientIP
-// affinity first sends clients seen recently to their endpoint. Per-packet
-// cost is one map lookup whatever the endpoint count.
+// affinity first sends clients seen recently to their endpoint.
 //
-// The endpoints are in a named map per chain ("<chain>/endpoints"), not an
-// anonymous map in the rule, and not one map shared by all Services: the
-// kernel handles thousands of anonymous sets in one transaction in quadratic
-// time (40 s of system time for 10,000 Services here), and validates every
-// element of a map against every rule of another chain that uses it (also
-// quadratic for a shared map). A map of its own per chain costs neither.
+// Up to inlineEndpointsMax endpoints, rule i matches with probability
+// 1/(n-i) ("numgen random mod n-i 0"), which makes the choice uniform: the
+// first packet of a connection costs at most that many rule evaluations,
+// whatever the number of Services. Larger endpoint sets use a named map
+// "<chain>/endpoints" (numgen index -> endpoint): one lookup.
+//
+// Never one anonymous map per Service in the rule (kube-proxy's shape), nor
+// one map shared by all: the kernel resolves sets created in the same
+// transaction by walking the transaction (40 s of system time for 10,000
+// Services here), finds named sets by walking the table's set list, and
+// validates every element of a map against every rule that uses it, all
+// quadratic at 10,000 Services.
 func (r *renderer) policyChain(out *svcRender, name, base string, sp *servicePort, eps []endpoint) chain {
 	f := sp.family
 	ipX := f.ipX()
 	ch := chain{name: name}
-	if len(eps) == 1 && sp.sticky == 0 {
-		ch.rules = []rule{{text: "meta l4proto " + sp.proto + " dnat " + ipX + " to " + eps[0].hostPort()}}
+	n := len(eps)
+	// target is the final statement for endpoint i.
+	target := func(i int) string {
+		if sp.sticky > 0 {
+			return "goto " + chainName(prefixEndpoint, f, endpointBase(base, &eps[i]))
+		}
+		return "meta l4proto " + sp.proto + " dnat " + ipX + " to " + eps[i].hostPort()
+	}
+	if sp.sticky > 0 {
+		for i := range eps {
+			eb := endpointBase(base, &eps[i])
+			ch.rules = append(ch.rules, rule{
+				text: ipX + " saddr @" + chainName(prefixAffinity, f, eb) + " goto " + chainName(prefixEndpoint, f, eb),
+			})
+		}
+	}
+	if n <= inlineEndpointsMax {
+		for i := range n - 1 {
+			ch.rules = append(ch.rules, rule{text: fmt.Sprintf("numgen random mod %d 0 %s", n-i, target(i))})
+		}
+		ch.rules = append(ch.rules, rule{text: target(n - 1)})
 		return ch
 	}
 	m := epMap{name: limitName(name + suffixEndpoints), family: f, verdict: sp.sticky > 0}
 	out.maps = append(out.maps, m)
-	pick := fmt.Sprintf("numgen random mod %d", len(eps))
-	if sp.sticky > 0 {
-		for i := range eps {
-			eb := endpointBase(base, &eps[i])
-			epChain := chainName(prefixEndpoint, f, eb)
-			ch.rules = append(ch.rules, rule{
-				text: ipX + " saddr @" + chainName(prefixAffinity, f, eb) + " goto " + epChain,
-			})
-			out.elements = append(out.elements, element{container: m.name, key: []string{strconv.Itoa(i)}, value: "goto " + epChain})
-		}
-		ch.rules = append(ch.rules, rule{text: pick + " vmap @" + m.name})
-		return ch
-	}
+	pick := fmt.Sprintf("numgen random mod %d", n)
 	for i := range eps {
-		out.elements = append(out.elements, element{
-			container: m.name,
-			key:       []string{strconv.Itoa(i)},
-			value:     eps[i].addr.String() + " . " + strconv.Itoa(int(eps[i].port)),
-		})
+		el := element{container: m.name, key: []string{strconv.Itoa(i)}}
+		if m.verdict {
+			el.value = target(i)
+		} else {
+			el.value = eps[i].addr.String() + " . " + strconv.Itoa(int(eps[i].port))
+		}
+		out.elements = append(out.elements, el)
 	}
-	ch.rules = []rule{{text: "meta l4proto " + sp.proto + " dnat " + ipX + " addr . port to " + pick + " map @" + m.name}}
+	if m.verdict {
+		ch.rules = append(ch.rules, rule{text: pick + " vmap @" + m.name})
+	} else {
+		ch.rules = append(ch.rules, rule{text: "meta l4proto " + sp.proto + " dnat " + ipX + " addr . port to " + pick + " map @" + m.name})
+	}
 	return ch
 }
 

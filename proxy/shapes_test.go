@@ -99,6 +99,13 @@ func shapes() []shape {
 				return s
 			}(),
 		}},
+		{"many-endpoints", []runtime.Object{
+			// More than inlineEndpointsMax: a map of its own.
+			service("ns1", "big", "10.43.0.35"),
+			service("ns1", "bigsticky", "10.43.0.36", withAffinity(60)),
+			slice("ns1", "big", "big-1", 8080, eps(inlineEndpointsMax+1, "10.42.7", otherNode)),
+			slice("ns1", "bigsticky", "bigsticky-1", 8080, eps(inlineEndpointsMax+1, "10.42.8", otherNode)),
+		}},
 		{"sctp-multiport", []runtime.Object{
 			service("ns1", "multi", "10.43.0.34", withPorts(
 				corev1.ServicePort{Name: "a", Port: 80, Protocol: corev1.ProtocolTCP},

@@ -62,7 +62,19 @@ func (tr *tracer) runChain(name string, p *packet) outcome {
 	if ch == nil {
 		tr.t.Fatalf("tracer: no chain %q", name)
 	}
+	// forks: DNAT targets of rules that match only with some probability
+	// ("numgen random mod K 0 ..."): the tracer follows both ways.
+	var forks []string
 	for _, r := range ch.Rules {
+		rest, ok := strings.CutPrefix(r.Rule, "numgen random mod ")
+		if ok && strings.Fields(rest)[1] == "0" {
+			o := tr.runRule(strings.Join(strings.Fields(rest)[2:], " "), p)
+			if o.v != vDNAT {
+				tr.t.Fatalf("tracer: probabilistic rule without DNAT: %q", r.Rule)
+			}
+			forks = append(forks, o.targets...)
+			continue
+		}
 		o := tr.runRule(r.Rule, p)
 		switch o.v {
 		case vContinue:
@@ -70,8 +82,14 @@ func (tr *tracer) runChain(name string, p *packet) outcome {
 		case vReturn:
 			return outcome{v: vContinue}
 		default:
+			if len(forks) > 0 {
+				o.targets = append(forks, o.targets...)
+			}
 			return o
 		}
+	}
+	if len(forks) > 0 {
+		return outcome{v: vDNAT, targets: forks}
 	}
 	return outcome{v: vContinue}
 }
