@@ -66,18 +66,19 @@ func (r *renderOnly) Run(_ context.Context, tx *knftables.Transaction) error {
 
 func (r *renderOnly) List(context.Context, string) ([]string, error) { return nil, nil }
 
-func benchNFT(b *testing.B, kind string) knftables.Interface {
+func benchNFT(b *testing.B, kind string) (nft, lister knftables.Interface) {
 	switch kind {
 	case "render":
-		return &renderOnly{Interface: knftables.NewFake(knftables.InetFamily, tableName)}
+		return &renderOnly{Interface: knftables.NewFake(knftables.InetFamily, tableName)}, nil
 	case "fake":
-		return knftables.NewFake(knftables.InetFamily, tableName)
+		return knftables.NewFake(knftables.InetFamily, tableName), nil
 	}
 	requireSandbox(b)
-	nft, err := knftables.New(knftables.InetFamily, tableName)
+	nft, lister, err := newNFT()
 	if err != nil {
 		b.Fatal(err)
 	}
+
 	// Start from an empty table.
 	tx := nft.NewTransaction()
 	tx.Add(&knftables.Table{})
@@ -85,15 +86,16 @@ func benchNFT(b *testing.B, kind string) knftables.Interface {
 	if err := nft.Run(context.Background(), tx); err != nil {
 		b.Fatal(err)
 	}
-	return nft
+	return nft, lister
 }
 
 func BenchmarkFullSync(b *testing.B) {
 	for _, kind := range []string{"render", "nft"} {
 		b.Run(kind, func(b *testing.B) {
 			st := benchState(b)
-			nft := benchNFT(b, kind)
+			nft, lister := benchNFT(b, kind)
 			be := newNFTBackend(nft, slog.New(slog.DiscardHandler))
+			be.lister = lister
 			b.ResetTimer()
 			for b.Loop() {
 				if _, err := be.sync(context.Background(), st, nil, true); err != nil {
@@ -109,8 +111,9 @@ func BenchmarkPartialSyncOneNewService(b *testing.B) {
 	for _, kind := range []string{"fake", "nft"} {
 		b.Run(kind, func(b *testing.B) {
 			st := benchState(b)
-			nft := benchNFT(b, kind)
+			nft, lister := benchNFT(b, kind)
 			be := newNFTBackend(nft, slog.New(slog.DiscardHandler))
+			be.lister = lister
 			if _, err := be.sync(context.Background(), st, nil, true); err != nil {
 				b.Fatal(err)
 			}

@@ -5,8 +5,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"sigs.k8s.io/knftables"
 )
 
 // TestKernelTableLoads runs the real sync against the real nft binary in the
@@ -18,12 +16,16 @@ func TestKernelTableLoads(t *testing.T) {
 	if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		t.Fatalf("lo up: %v %s", err, out)
 	}
-	nft, err := knftables.New(knftables.InetFamily, tableName)
+	nft, lister, err := newNFT()
 	if err != nil {
 		t.Fatalf("knftables.New: %v", err)
 	}
+	if lister == nil {
+		t.Fatal("no netlink lister")
+	}
 	cfg := testConfig()
 	h := newHarness(t, cfg, nft, allShapes()...)
+	h.p.backend.lister = lister
 	h.sync()
 	list := listTable(t)
 	if testing.Verbose() {
@@ -77,6 +79,7 @@ func TestKernelTableLoads(t *testing.T) {
 
 	// A restarted knit: a new proxier, same table, full sync in place.
 	h2 := newHarness(t, cfg, nft, allShapes()...)
+	h2.p.backend.lister = lister
 	h2.sync()
 	list = listTable(t)
 	if !strings.Contains(list, "chain service-v4-ns1/web/tcp/http") || strings.Contains(list, "10.42.5.1") {

@@ -153,9 +153,24 @@ type nodeView struct {
 	addrs []netip.Addr
 }
 
+// newNFT opens the knit-proxy table through the nft binary, and a second
+// handle that lists object names over netlink (nil if that is unavailable).
+func newNFT() (nft, lister knftables.Interface, err error) {
+	nft, err = knftables.New(knftables.InetFamily, tableName)
+	if err != nil {
+		return nil, nil, err
+	}
+	lister, err = knftables.New(knftables.InetFamily, tableName, knftables.UseNetlink)
+	if err != nil {
+		lister = nil
+	}
+	return nft, lister, nil
+}
+
 // deps are the proxy's ties to the kernel, replaced by fakes in tests.
 type deps struct {
 	nft    knftables.Interface
+	lister knftables.Interface
 	ct     conntracker
 	listen func(network, addr string) (net.Listener, error)
 }
@@ -172,11 +187,10 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 	case BackendIPTables:
 		return nil, errors.New("proxy: the iptables backend is not implemented yet; use nftables")
 	case BackendNFTables, BackendAuto:
-		nft, err := knftables.New(knftables.InetFamily, tableName)
-		if err != nil {
+		var err error
+		if d.nft, d.lister, err = newNFT(); err != nil {
 			return nil, fmt.Errorf("proxy: nftables not usable (the iptables backend is not implemented yet): %w", err)
 		}
-		d.nft = nft
 	}
 	d.ct = netlinkConntrack{}
 	d.listen = net.Listen
@@ -213,6 +227,7 @@ func newProxier(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Lo
 		ctBefore:  map[types.NamespacedName]*serviceInfo{},
 		ctChanged: map[types.NamespacedName]bool{},
 	}
+	p.backend.lister = d.lister
 	p.hc = newHealthServers(log, cfg.HealthCheckBindAddress, p.ready.Load)
 	if d.listen != nil {
 		p.hc.listen = d.listen
