@@ -36,7 +36,7 @@
 //	    @service-ips-vX      {ip . proto . port : goto <chain>}
 //	    @service-nodeports-vX (local, non-loopback daddr) {proto . port : goto external-…}
 //	        │
-//	        ├─► service-vX-ns/name/proto/port   policy Cluster: numgen random → DNAT
+//	        ├─► service-vX-ns/name/proto/port   policy Cluster: random endpoint → DNAT
 //	        ├─► local-vX-ns/name/proto/port     policy Local: local endpoints only
 //	        └─► external-vX-ns/name/proto/port  ExternalIPs, LoadBalancer IPs, NodePorts:
 //	                Cluster: mark for masquerade, goto service-…
@@ -44,6 +44,16 @@
 //	                         masqueraded); others → local-… (client IP kept)
 //	          with sessionAffinity ClientIP: ip saddr @affinity-… → endpoint-…
 //	          chain, which refreshes the client in the set (timeout) and DNATs.
+//
+// A policy chain picks its endpoint with one rule per endpoint, rule i
+// matching with probability 1/(n-i) (uniform), up to 32 endpoints, and with
+// one lookup in a map of its own ("…/endpoints") above. Never with an
+// anonymous map per Service or one map for all: those make the kernel's
+// cost of a 10,000-Service transaction quadratic (see policyChain).
+//
+// A full sync is two transactions: the first only creates missing objects
+// (empty chains, sets and maps: harmless), so that the second, which
+// replaces all contents atomically, refers to every object by name.
 //
 //	input / forward / output (filter), new connections only
 //	  service-endpoints-check: @no-endpoint-services-vX → reject (TCP reset,
