@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
 	"strings"
 	"syscall"
@@ -54,6 +55,7 @@ func TestKernelDataPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "inet", tableName).Run() })
 	h := newHarness(t, testConfig(), nft,
 		service("ns1", "web", "10.43.0.20", withNodePort(30080)),
 		slice("ns1", "web", "web-1", 8080, []ep{{ip: "10.42.2.2", node: otherNode}}),
@@ -180,6 +182,7 @@ func podNS(t *testing.T, name, hostCIDR, podCIDR string) netns.NsHandle {
 	t.Cleanup(func() { ns.Close() })
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}
 	must(t, netlink.LinkAdd(veth))
+	t.Cleanup(func() { _ = netlink.LinkDel(veth) }) // the sandbox's own netns, for the next test
 	peer, err := netlink.LinkByName(name + "p")
 	must(t, err)
 	must(t, netlink.LinkSetNsFd(peer, int(ns)))

@@ -24,6 +24,7 @@ func TestKernelTableLoads(t *testing.T) {
 		t.Fatal("no netlink lister")
 	}
 	cfg := testConfig()
+	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "inet", tableName).Run() })
 	h := newHarness(t, cfg, nft, allShapes()...)
 	h.p.backend.lister = lister
 	h.sync()
