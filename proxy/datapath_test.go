@@ -28,14 +28,14 @@ func TestKernelDataPath(t *testing.T) {
 	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
 		t.Fatalf("ip_forward (sandbox netns): %v", err)
 	}
-	lo, _ := netlink.LinkByName("lo")
-	_ = netlink.LinkSetUp(lo)
 	client := podNS(t, "vc", "10.42.1.1/24", "10.42.1.2/24")
 	server := podNS(t, "vs", "10.42.2.1/24", "10.42.2.2/24")
 
 	// A node has a default route; without one, traffic to a ClusterIP
 	// that is not DNATed never reaches the forward hook.
-	must(t, netlink.RouteAdd(&netlink.Route{Gw: net.ParseIP("10.42.2.2")}))
+	def := &netlink.Route{Gw: net.ParseIP("10.42.2.2")}
+	must(t, netlink.RouteReplace(def))
+	t.Cleanup(func() { _ = netlink.RouteDel(def) })
 
 	// The server answers with the address it sees the client as.
 	ln := inNS(t, server, func() (net.Listener, error) { return net.Listen("tcp", "10.42.2.2:8080") })
