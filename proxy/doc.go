@@ -30,6 +30,10 @@
 // Lookups go through verdict maps keyed on (address, protocol, port), so a
 // new connection costs the same with 10 Services or 10,000:
 //
+//	prerouting / output (filter, dstnat-10), new connections only
+//	  firewall-check: @firewall-ips-vX {LB IP . proto . port : goto firewall-…}
+//	      drops sources outside the Service's loadBalancerSourceRanges
+//
 //	prerouting / output (nat, dstnat)
 //	  services:
 //	    ClusterIP from outside the cluster CIDRs ─► mark for masquerade

@@ -72,6 +72,12 @@ func TestPacketFlows(t *testing.T) {
 		{name: "IPv6 unallocated ClusterIP is dropped", src: pod6, dst: "fd43::99", port: 80, out: "DROP"},
 		{name: "many endpoints: map", src: pod, dst: "10.43.0.35", port: 80, out: bigOut("10.42.7")},
 		{name: "many endpoints with affinity: vmap", src: pod, dst: "10.43.0.36", port: 80, out: bigOut("10.42.8")},
+		// loadBalancerSourceRanges
+		{name: "source range: allowed client", src: "203.0.113.9", dst: "192.0.2.37", port: 80, out: "10.42.2.21:8080", masq: true},
+		{name: "source range: other client dropped", src: "203.0.113.99", dst: "192.0.2.37", port: 80, out: "DROP"},
+		{name: "source range: node in range reaches the VIP", src: host, dst: "192.0.2.37", port: 80, out: "10.42.2.21:8080", masq: true},
+		{name: "source range: NodePort is not filtered", src: "203.0.113.99", dst: nodeIP, port: 30037, out: "10.42.2.21:8080", masq: true},
+		{name: "source range: ClusterIP is not filtered", src: pod, dst: "10.43.0.37", port: 80, out: "10.42.2.21:8080"},
 		// Not ours
 		{name: "headless: pod IPs are untouched", src: pod, dst: "10.42.2.19", port: 8080, out: "ACCEPT"},
 		{name: "plain pod-to-pod traffic", src: pod, dst: farPod, port: 8080, out: "ACCEPT"},

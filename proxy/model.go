@@ -68,6 +68,9 @@ type servicePort struct {
 	clusterIP   netip.Addr
 	externalIPs []netip.Addr
 	lbIPs       []netip.Addr
+	// sourceRanges: loadBalancerSourceRanges of this family; empty means
+	// any source (as does a range of prefix length 0).
+	sourceRanges []netip.Prefix
 	// sticky is the ClientIP affinity timeout; 0 means no affinity.
 	sticky   time.Duration
 	extLocal bool // externalTrafficPolicy Local (and externally reachable)
@@ -184,6 +187,16 @@ func convertService(svc *corev1.Service, localIPs []netip.Addr, bad invalidFunc)
 		lbIPs = append(lbIPs, parseAddrs([]string{ing.IP}, name, "loadBalancer ingress IP", bad)...)
 	}
 
+	var ranges []netip.Prefix
+	for _, r := range svc.Spec.LoadBalancerSourceRanges {
+		p, err := netip.ParsePrefix(strings.TrimSpace(r))
+		if err != nil {
+			bad("Service", name, fmt.Sprintf("bad loadBalancerSourceRange %q", r))
+			continue
+		}
+		ranges = append(ranges, p.Masked())
+	}
+
 	var sticky time.Duration
 	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
 		sticky = 10800 * time.Second // the API default
@@ -228,6 +241,17 @@ func convertService(svc *corev1.Service, localIPs []netip.Addr, bad invalidFunc)
 				nodeLocal:   slices.Contains(localIPs, cip),
 			}
 			sp.extLocal = etpLocal && sp.externallyAccessible()
+			for _, r := range ranges {
+				if familyOf(r.Addr()) != f {
+					continue
+				}
+				if r.Bits() == 0 {
+					// Allows everything: the same as no ranges at all.
+					sp.sourceRanges = nil
+					break
+				}
+				sp.sourceRanges = append(sp.sourceRanges, r)
+			}
 			info.ports = append(info.ports, sp)
 		}
 	}

@@ -104,7 +104,7 @@ func (b *nftBackend) listAll(ctx context.Context) (map[string][]string, error) {
 
 // rendererFor returns the render settings of one sync.
 func rendererFor(st *state) *renderer {
-	return &renderer{masqMark: st.static.masqMark, clusterCIDRs: st.static.clusterCIDRs, topo: st.topo}
+	return &renderer{masqMark: st.static.masqMark, clusterCIDRs: st.static.clusterCIDRs, topo: st.topo, nodeIPs: st.static.nodeIPs}
 }
 
 // deleteStale deletes chains flushed at least staleChainDelay ago, in a

@@ -395,7 +395,7 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 	p.triggers = p.triggers[:0]
 	p.m.rules.Set(float64(res.rules))
 	for _, f := range []family{v4, v6} {
-		for _, c := range []string{mapServiceIPs, mapServiceNodePorts, mapNoEPServices, mapNoEPNodePorts,
+		for _, c := range []string{mapServiceIPs, mapServiceNodePorts, mapNoEPServices, mapNoEPNodePorts, mapFirewallIPs,
 			setClusterIPs, setNodePortIPs, setHairpin, setLocalServiceIPs, setClusterCIDRs} {
 			name := perFamily(c, f)
 			p.m.elements.WithLabelValues(name).Set(float64(res.elementsBy[name]))
@@ -445,6 +445,11 @@ func (p *Proxier) view() (topology, *staticConfig) {
 		clusterCIDRs:    joinPrefixes(p.cfg.ClusterCIDRs),
 		serviceCIDRs:    joinPrefixes(p.cfg.ServiceCIDRs),
 		localServiceIPs: map[family][]netip.Addr{},
+	}
+	for _, a := range append(slices.Clone(p.cfg.NodeIPs), nv.addrs...) {
+		if a = a.Unmap(); !slices.Contains(sc.nodeIPs, a) {
+			sc.nodeIPs = append(sc.nodeIPs, a)
+		}
 	}
 	for _, a := range p.cfg.LocalServiceIPs {
 		sc.localServiceIPs[familyOf(a.Unmap())] = append(sc.localServiceIPs[familyOf(a.Unmap())], a.Unmap())

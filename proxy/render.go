@@ -25,6 +25,11 @@ const (
 	chainFilterInput    = "filter-input"
 	chainFilterForward  = "filter-forward"
 	chainFilterOutput   = "filter-output"
+	chainFilterPreDNAT  = "filter-prerouting-pre-dnat"
+	chainFilterOutPre   = "filter-output-pre-dnat"
+	chainFirewallCheck  = "firewall-check"
+	mapFirewallIPs      = "firewall-ips"
+	prefixFirewall      = "firewall-"
 
 	chainServices         = "services"
 	chainMasquerading     = "masquerading"
@@ -62,6 +67,12 @@ var baseChains = []struct {
 	priority knftables.BaseChainPriority
 	rules    []string
 }{
+	// loadBalancerSourceRanges are checked before DNAT changes the
+	// destination.
+	{chainFilterPreDNAT, knftables.FilterType, knftables.PreroutingHook, knftables.DNATPriority + "-10",
+		[]string{"ct state new jump " + chainFirewallCheck}},
+	{chainFilterOutPre, knftables.FilterType, knftables.OutputHook, knftables.DNATPriority + "-10",
+		[]string{"ct state new jump " + chainFirewallCheck}},
 	{chainFilterInput, knftables.FilterType, knftables.InputHook, knftables.FilterPriority,
 		[]string{"ct state new jump " + chainNodePortEPCheck, "ct state new jump " + chainServiceEPCheck}},
 	{chainFilterForward, knftables.FilterType, knftables.ForwardHook, knftables.FilterPriority,
@@ -161,6 +172,7 @@ type renderer struct {
 	masqMark     string // "0x4000"
 	clusterCIDRs map[family]string
 	topo         topology
+	nodeIPs      []netip.Addr
 }
 
 func (r *renderer) masqRule() string { return "mark set mark or " + r.masqMark }
@@ -307,6 +319,33 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 		}
 	}
 
+	if len(sp.lbIPs) > 0 && len(sp.sourceRanges) > 0 {
+		// loadBalancerSourceRanges: traffic to the LB IPs from elsewhere is
+		// dropped before DNAT. If the node itself is in a range, the LB IPs
+		// are allowed as sources too: a node reaching a VIP that it holds
+		// locally sends from the VIP.
+		fw := chainName(prefixFirewall, f, base)
+		var allowed []string
+		nodeAllowed := false
+		for _, p := range sp.sourceRanges {
+			allowed = append(allowed, p.String())
+			for _, a := range r.nodeIPs {
+				nodeAllowed = nodeAllowed || p.Contains(a)
+			}
+		}
+		if nodeAllowed {
+			for _, a := range sp.lbIPs {
+				allowed = append(allowed, a.String())
+			}
+		}
+		out.chains = append(out.chains, chain{name: fw, rules: []rule{{text: ipX + " saddr != { " + strings.Join(allowed, ", ") + " } drop"}}})
+		for _, a := range sp.lbIPs {
+			out.elements = append(out.elements, element{
+				container: perFamily(mapFirewallIPs, f), key: []string{a.String(), proto, port}, value: "goto " + fw,
+			})
+		}
+	}
+
 	if usesExternal {
 		ch := chain{name: externalChain}
 		if !sp.extLocal {
@@ -427,6 +466,8 @@ type staticConfig struct {
 	// nodePortIPs: nil means every local address accepts NodePorts.
 	nodePortIPs     map[family][]netip.Addr
 	localServiceIPs map[family][]netip.Addr
+	// nodeIPs: this node's addresses (loadBalancerSourceRanges).
+	nodeIPs []netip.Addr
 }
 
 // staticSets returns the fixed sets and maps of the table.
@@ -442,6 +483,8 @@ func staticSets() (sets []*knftables.Set, maps []*knftables.Map) {
 				Comment: knftables.PtrTo("Service addresses without usable endpoints: reject or drop")},
 			&knftables.Map{Name: perFamily(mapNoEPNodePorts, f), Type: "inet_proto . inet_service : verdict",
 				Comment: knftables.PtrTo("NodePorts without usable endpoints: reject or drop")},
+			&knftables.Map{Name: perFamily(mapFirewallIPs, f), Type: a + " . inet_proto . inet_service : verdict",
+				Comment: knftables.PtrTo("LoadBalancer IPs subject to loadBalancerSourceRanges")},
 		)
 		sets = append(sets,
 			&knftables.Set{Name: perFamily(setClusterIPs, f), Type: a, Comment: knftables.PtrTo("active ClusterIPs")},
@@ -472,6 +515,7 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 	svcCheck := chain{name: chainServiceEPCheck}
 	npCheck := chain{name: chainNodePortEPCheck}
 	cipCheck := chain{name: chainClusterIPsCheck}
+	fwCheck := chain{name: chainFirewallCheck}
 	reject := chain{name: chainReject, rules: []rule{
 		{text: "meta l4proto tcp reject with tcp reset"},
 		{text: "reject"},
@@ -516,6 +560,9 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 		masquerading.rules = append(masquerading.rules, rule{
 			text: "ct status dnat " + ipX + " saddr . " + ipX + " daddr . meta l4proto . th dport @" + perFamily(setHairpin, f) + " masquerade fully-random",
 		})
+		fwCheck.rules = append(fwCheck.rules, rule{
+			text: ipX + " daddr . meta l4proto . th dport vmap @" + perFamily(mapFirewallIPs, f),
+		})
 		svcCheck.rules = append(svcCheck.rules, rule{
 			text: ipX + " daddr . meta l4proto . th dport vmap @" + perFamily(mapNoEPServices, f),
 		})
@@ -532,5 +579,5 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 			elems = append(elems, element{container: perFamily(setLocalServiceIPs, f), key: []string{a.String()}})
 		}
 	}
-	return []chain{services, masquerading, svcCheck, npCheck, cipCheck, reject}, elems
+	return []chain{services, masquerading, svcCheck, npCheck, cipCheck, fwCheck, reject}, elems
 }

@@ -52,6 +52,14 @@ func shapes() []shape {
 			service("ns1", "lbr", "10.43.0.28", withLoadBalancer(30028, 32028, "192.0.2.28"), withETPLocal),
 			slice("ns1", "lbr", "lbr-1", 8080, []ep{{ip: "10.42.2.13", node: otherNode}}),
 		}},
+		{"loadbalancer-source-ranges", []runtime.Object{
+			func() runtime.Object {
+				s := service("ns1", "fw", "10.43.0.37", withLoadBalancer(30037, 0, "192.0.2.37"))
+				s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/28", " 198.18.0.0/24 "}
+				return s
+			}(),
+			slice("ns1", "fw", "fw-1", 8080, []ep{{ip: "10.42.2.21", node: otherNode}}),
+		}},
 		{"internal-local", []runtime.Object{
 			service("ns1", "itp", "10.43.0.29", withITPLocal),
 			slice("ns1", "itp", "itp-1", 8080, []ep{{ip: "10.42.1.14", node: thisNode}, {ip: "10.42.2.14", node: otherNode}}),

@@ -374,6 +374,13 @@ func trace(t testing.TB, fake *knftables.Fake, local []netip.Addr, p packet) (fl
 		natChain, filterChain = chainNatOutput, chainFilterOutput
 	}
 	var res flowResult
+	preChain := chainFilterPreDNAT
+	if fromHost {
+		preChain = chainFilterOutPre
+	}
+	if o := tr.runChain(preChain, &p); o.v == vDrop {
+		return flowResult{out: "DROP"}, tr.matched
+	}
 	o := tr.runChain(natChain, &p)
 	switch o.v {
 	case vDNAT:
