@@ -144,17 +144,20 @@ func CacheDir() (string, error) {
 	return filepath.Join(root, ".cache"), nil
 }
 
-// BuildKnit builds the knit binary into <cache>/bin/knit.
+// BuildKnit builds the knit binary into <cache>/bin/knit, and beside it
+// knit-cni, the plugin-only build the agent installs as the CNI plugin.
 func BuildKnit(ctx context.Context, cacheDir string) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return "", err
 	}
 	out := filepath.Join(cacheDir, "bin", "knit")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, ".")
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build knit: %v\n%s", err, b)
+	for _, b := range []struct{ out, pkg string }{{out, "."}, {out + "-cni", "./cni/cmd/knit-cni"}} {
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", b.out, b.pkg)
+		cmd.Dir = root
+		if o, err := cmd.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("go build %s: %v\n%s", b.pkg, err, o)
+		}
 	}
 	return out, nil
 }
