@@ -94,6 +94,9 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 		Commands: []*cli.Command{
 			agentCommand(),
 			labCommand(),
+			manifestCommand(),
+			uninstallCommand(),
+			installCNICommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",
