@@ -44,6 +44,19 @@ func TestInstallThenPlanFiles(t *testing.T) {
 		t.Error("second install rewrote an up-to-date binary")
 	}
 
+	// Same size and time, other bytes (two image versions built with fixed
+	// timestamps): the new binary must still be installed.
+	write(t, src, "#!binarz")
+	if err := os.Chtimes(src, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := InstallBinary(src, fs.bin, links); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(dst); string(b) != "#!binarz" {
+		t.Errorf("binary of equal size and time but other content not replaced: %q", b)
+	}
+
 	cfg := fs.config()
 	cfg.Symlinks = links
 	steps, err := planFiles(cfg)

@@ -1,6 +1,7 @@
 package uninstall
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -57,8 +58,12 @@ func InstallBinary(src, binDir string, symlinks []string) error {
 
 func copyFile(src, dst string, si fs.FileInfo) error {
 	if di, err := os.Stat(dst); err == nil && di.Mode().IsRegular() &&
-		di.Size() == si.Size() && di.ModTime().Equal(si.ModTime()) && di.Mode().Perm() == 0o755 {
-		return nil // current (cni/node uses the same test)
+		di.Size() == si.Size() && di.ModTime().Equal(si.ModTime()) && di.Mode().Perm() == 0o755 &&
+		sameContent(src, dst) {
+		// Current. The contents are compared too, not only size and time
+		// as cni/node does: images are built with fixed timestamps, so
+		// two versions of the binary can agree on both.
+		return nil
 	}
 	in, err := os.Open(src)
 	if err != nil {
@@ -97,4 +102,29 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// sameContent reports whether the files at a and b have equal bytes.
+func sameContent(a, b string) bool {
+	fa, err := os.Open(a)
+	if err != nil {
+		return false
+	}
+	defer fa.Close()
+	fb, err := os.Open(b)
+	if err != nil {
+		return false
+	}
+	defer fb.Close()
+	ba, bb := make([]byte, 1<<20), make([]byte, 1<<20)
+	for {
+		na, erra := io.ReadFull(fa, ba)
+		nb, errb := io.ReadFull(fb, bb)
+		if na != nb || !bytes.Equal(ba[:na], bb[:nb]) {
+			return false
+		}
+		if erra != nil || errb != nil {
+			return (erra == io.EOF || erra == io.ErrUnexpectedEOF) && (errb == io.EOF || errb == io.ErrUnexpectedEOF)
+		}
+	}
 }

@@ -16,8 +16,9 @@
 // The .debs come from the machine's Debian sources through apt-get, with
 // package lists kept under the output directory (.cache/image/apt/<arch>),
 // so the host's dpkg architectures and apt state are never touched. Layers
-// carry fixed timestamps (SOURCE_DATE_EPOCH, default 0), so two builds of
-// the same tree give the same image digests.
+// carry fixed timestamps (SOURCE_DATE_EPOCH, default the time of the
+// repository's HEAD commit), so two builds of the same tree give the same
+// image digests.
 //
 // When run as root on a host of one of the platforms, the image built for
 // it is checked by extracting its file system and running `knit version`
@@ -90,14 +91,15 @@ func main() {
 	flag.BoolVar(&o.verify, "verify", true, "run knit and nft from the host platform's image in a chroot (root only)")
 	flag.Parse()
 	o.platforms = strings.Split(platforms, ",")
-	o.epoch = time.Unix(0, 0).UTC()
-	if s := os.Getenv("SOURCE_DATE_EPOCH"); s != "" {
-		sec, err := strconv.ParseInt(s, 10, 64)
-		if err != nil {
-			log.Fatalf("SOURCE_DATE_EPOCH: %v", err)
-		}
-		o.epoch = time.Unix(sec, 0).UTC()
+	s := os.Getenv("SOURCE_DATE_EPOCH")
+	if s == "" {
+		s = gitCommitTime(o.repo)
 	}
+	sec, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		log.Fatalf("SOURCE_DATE_EPOCH: %v", err)
+	}
+	o.epoch = time.Unix(sec, 0).UTC()
 	if err := run(o); err != nil {
 		log.Fatal(err)
 	}
@@ -505,4 +507,13 @@ func gitVersion(repo string) string {
 		return "dev"
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// gitCommitTime is the Unix time of repo's HEAD commit, or "0".
+func gitCommitTime(repo string) string {
+	out, err := exec.Command("git", "-C", repo, "log", "-1", "--format=%ct").Output()
+	if err != nil || len(bytes.TrimSpace(out)) == 0 {
+		return "0"
+	}
+	return string(bytes.TrimSpace(out))
 }
