@@ -103,7 +103,9 @@ func netnsExists(path string) bool {
 }
 
 // reconcile releases the reservations of pods that are gone from this node
-// (see staleness.stale), with their hostPort rules and host veths.
+// (see staleness.stale), with their hostPort rules and host veths, and
+// deletes the host veths DEL detached that no reservation claims (see
+// plugin.SweepHostVeths).
 func (s *Setup) reconcile() error {
 	store, err := s.openStore()
 	if err != nil {
@@ -121,16 +123,27 @@ func (s *Setup) reconcile() error {
 	for _, p := range pods {
 		sn.present[podKey{p.Namespace, p.Name}] = true
 	}
+	var errs []error
+	if sw, ok := s.k.(vethSweeper); ok {
+		// Reservations made after the View above belong to ADDs whose veths
+		// are up and on the bridge, which the sweep never touches.
+		deleted, err := sw.sweepHostVeths(plugin.ReservedHostVeths(st.Reservations))
+		for _, name := range deleted {
+			s.log.Info("deleted a host veth DEL had detached whose pod namespace was never removed", "link", name)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
 	found := false
 	for _, r := range st.Reservations {
 		found = found || sn.stale(r)
 	}
 	if !found {
-		return nil // nothing to do: no lock, no write
+		return errors.Join(errs...) // nothing to release: no lock, no write
 	}
 	// Decided again under the store's lock, on the state as it is then.
 	released, err := plugin.ReleaseWhere(store, s.newNFT, sn.stale)
-	var errs []error
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -146,4 +159,19 @@ func (s *Setup) reconcile() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// vethSweeper is the kernel's optional sweep of detached host veths (the
+// real kernel has it; fakes without it skip the sweep).
+type vethSweeper interface {
+	// sweepHostVeths is plugin.SweepHostVeths in the node's namespace.
+	sweepHostVeths(reserved map[string]bool) ([]string, error)
+}
+
+func (k netlinkKernel) sweepHostVeths(reserved map[string]bool) (deleted []string, err error) {
+	err = k.run(func() error {
+		deleted, err = plugin.SweepHostVeths(reserved)
+		return err
+	})
+	return deleted, err
 }

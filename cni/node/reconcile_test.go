@@ -3,13 +3,16 @@ package node
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8stypes "k8s.io/apimachinery/pkg/types"
@@ -220,5 +223,60 @@ func TestPodIndex(t *testing.T) {
 	}
 	if got := strings.Join(names, ","); got != "default/a,kube-system/c" && got != "kube-system/c,default/a" {
 		t.Fatalf("pods on n1: %s", got)
+	}
+}
+
+// TestReconcileSweepsDetachedHostVeths: a host veth DEL cut off (down, on
+// no bridge) whose pod namespace was never removed is deleted even when no
+// reservation is stale; reserved, up or foreign veths stay.
+func TestReconcileSweepsDetachedHostVeths(t *testing.T) {
+	netns := nodeNS(t)
+	mtu, _ := fixedMTU(1450)
+	h := newHarness(t, Config{MTU: mtu}, testNode("n1", "10.42.1.0/24"))
+	h.s.k = netlinkKernel{do: func(f func() error) error { return netns.Do(func(ns.NetNS) error { return f() }) }}
+	h.s.pods = fakePods{}
+	h.sync()
+
+	leftover := plugin.HostVethName("detached", "eth0")
+	reserved := plugin.HostVethName("reserved", "eth0")
+	up := plugin.HostVethName("up", "eth0")
+	inNS(t, netns, func() error {
+		for i, name := range []string{leftover, reserved, up} {
+			attrs := netlink.NewLinkAttrs()
+			attrs.Name = name
+			if name == up {
+				attrs.Flags = net.FlagUp
+			}
+			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: attrs, PeerName: fmt.Sprint("peer", i)}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	store, err := h.s.openStore()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No pod identity: never stale, only its veth name matters.
+	if err := store.Update(func(st *ipam.State) error {
+		_, err := st.Allocate(ipam.Request{Attachment: ipam.Attachment{ContainerID: "reserved", IfName: "eth0"}, Now: time.Now()},
+			[]netip.Prefix{netip.MustParsePrefix("10.42.1.0/24")})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.s.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	inNS(t, netns, func() error {
+		for name, want := range map[string]bool{leftover: false, reserved: true, up: true, "uplink": true} {
+			if _, err := netlink.LinkByName(name); (err == nil) != want {
+				return fmt.Errorf("%s: exists %v, want %v", name, err == nil, want)
+			}
+		}
+		return nil
+	})
+	if st, _ := store.View(); len(st.Reservations) != 1 {
+		t.Fatalf("reservations: %+v", st.Reservations)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -320,6 +321,65 @@ func deleteLink(name string) error {
 	return nil
 }
 
+// detachLink sets a link down and takes it off its bridge in one
+// RTM_SETLINK addressed by name (no lookup first); a missing link is not an
+// error. DEL uses it on the host veth instead of deleting it (see del).
+func detachLink(name string) error {
+	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Change = unix.IFF_UP
+	msg.Flags = 0
+	req.AddData(msg)
+	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(name)))
+	req.AddData(nl.NewRtAttr(unix.IFLA_MASTER, nl.Uint32Attr(0)))
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil && !isNotFound(err) {
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	return nil
+}
+
+// detached reports whether a link is in the state detachLink leaves it:
+// down and on no bridge.
+func detached(l netlink.Link) bool {
+	return l.Attrs().Flags&net.FlagUp == 0 && l.Attrs().MasterIndex == 0
+}
+
+// ReservedHostVeths is the set of host veth names of rs's attachments.
+func ReservedHostVeths(rs []ipam.Reservation) map[string]bool {
+	out := make(map[string]bool, len(rs))
+	for _, r := range rs {
+		out[HostVethName(r.ContainerID, r.IfName)] = true
+	}
+	return out
+}
+
+// SweepHostVeths deletes, in the calling thread's network namespace, every
+// veth named with knit's host prefix that is detached (down, on no bridge)
+// and not in reserved (ReservedHostVeths of the store's reservations): the
+// host ends DEL cut off whose pod namespace was never removed. ADD creates
+// its veth up and on the bridge in one request, after reserving, so a pod
+// being set up is never swept. It returns the names it deleted.
+func SweepHostVeths(reserved map[string]bool) ([]string, error) {
+	links, err := netlinksafe.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var deleted []string
+	var errs []error
+	for _, l := range links {
+		name := l.Attrs().Name
+		if _, ok := l.(*netlink.Veth); !ok || !strings.HasPrefix(name, hostVethPrefix) || reserved[name] || !detached(l) {
+			continue
+		}
+		if err := netlink.LinkDel(l); err != nil && !isNotFound(err) {
+			errs = append(errs, fmt.Errorf("delete detached %s: %w", name, err))
+			continue
+		}
+		deleted = append(deleted, name)
+	}
+	return deleted, errors.Join(errs...)
+}
+
 // bridgeUp checks that the node bridge exists and is up: without it, every
 // pod of the node is cut off.
 func bridgeUp(name string) error {
@@ -356,6 +416,9 @@ func checkPod(node *NodeConfig, netnsPath, ifName, hostName, mac string, ips []*
 	}
 	if _, ok := host.(*netlink.Veth); !ok {
 		return fmt.Errorf("host veth %s: is a %s, not a veth", hostName, host.Type())
+	}
+	if detached(host) {
+		return fmt.Errorf("host veth %s: down and on no bridge (DEL already ran for this attachment)", hostName)
 	}
 	if host.Attrs().MasterIndex != br.Attrs().Index {
 		return fmt.Errorf("host veth %s: not a port of bridge %s", hostName, node.Bridge)

@@ -15,12 +15,16 @@
 //	    from the store, one nft transaction, under the store lock
 //	result (types/100, converted to the config's cniVersion) -> stdout
 //
-// DEL deletes the host veth by its deterministic name (the pod end goes
-// with it, whether or not the netns still exists), releases the reservation
-// and, if it had hostPorts, re-renders the hostport table. Every step
-// tolerates "already gone", so DEL is idempotent and finishes half-built
-// pods. GC releases every reservation not in cni.dev/valid-attachments and
-// deletes their host veths. STATUS reports 50 until node.json exists or when
+// DEL, while CNI_NETNS still exists, cuts the host veth off the node in
+// one netlink request (down, off the bridge) and leaves the pair for the
+// kernel to destroy when the runtime removes the namespace right after
+// DEL; without the namespace it deletes the host end, if any is left. It
+// then releases the reservation and, if it had hostPorts, re-renders the
+// hostport table. Every step tolerates "already gone", so DEL is
+// idempotent and finishes half-built pods. GC releases every reservation
+// not in cni.dev/valid-attachments, deletes their host veths and sweeps
+// detached host veths no reservation claims (SweepHostVeths). STATUS
+// reports 50 until node.json exists or when
 // a pool is exhausted, 51 when the bridge is gone.
 //
 // Error codes: the spec's (1 version, 2 unsupported field, 3 unknown
@@ -406,6 +410,11 @@ func (p *plugin) rollback(store *ipam.Store, att ipam.Attachment, hostName strin
 
 // undoAdd is rollback for an ADD whose result could not be written.
 func (p *plugin) undoAdd(a *cmdArgs, conf *NetConf) {
+	// Deleted at once, not detached: the runtime may retry ADD into the
+	// same namespace, which must not find ifName taken.
+	if err := deleteLink(HostVethName(a.containerID, a.ifName)); err != nil {
+		fmt.Fprintf(p.stderr, "knit: undo ADD: %v\n", err)
+	}
 	if err := p.del(a, conf); err != nil {
 		fmt.Fprintf(p.stderr, "knit: undo ADD: %v\n", err)
 	}
@@ -470,11 +479,33 @@ func buildResult(node *NodeConfig, pl *podLink, netnsPath string, ips []netip.Ad
 	return r
 }
 
+// del cuts the pod off and releases what it held.
+//
+// Deleting a bridged veth costs ~20 ms: the kernel unregisters both ends
+// under RTNL and waits for RCU grace periods before it returns, and every
+// parallel DEL (and ADD) on the node queues behind that lock. While the pod
+// namespace still exists, the runtime removes it right after DEL, and
+// destroying the namespace destroys the pair anyway, in the kernel's
+// cleanup work rather than in our request. So DEL only makes the host end
+// harmless at once: down and off the bridge (detachLink, one RTM_SETLINK),
+// after which no packet reaches the pod's address and it may be released.
+// A detached end outlives DEL only if the runtime never removes the
+// namespace; GC and the agent's reconciliation delete such leftovers
+// (SweepHostVeths). Without the namespace there is no one to free the host
+// end, so DEL deletes it; GC and rollbacks delete synchronously too.
 func (p *plugin) del(a *cmdArgs, conf *NetConf) error {
 	var errs []error
-	// The host end first: once it is gone no packet reaches the address,
-	// so releasing it cannot hand a live address to the next pod.
-	if err := deleteLink(HostVethName(a.containerID, a.ifName)); err != nil {
+	// The host end first: once it is off the bridge no packet reaches the
+	// address, so releasing it cannot hand a live address to the next pod.
+	host := HostVethName(a.containerID, a.ifName)
+	cut := deleteLink
+	if a.netns != "" {
+		if podNS, err := ns.GetNS(a.netns); err == nil {
+			podNS.Close()
+			cut = detachLink
+		}
+	}
+	if err := cut(host); err != nil {
 		errs = append(errs, err)
 	}
 	store, err := p.openStore(conf)
@@ -542,6 +573,12 @@ func (p *plugin) gc(conf *NetConf) error {
 		if err := deleteLink(HostVethName(r.ContainerID, r.IfName)); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	// Host ends DEL detached but no namespace removal freed.
+	if st, err := store.View(); err != nil {
+		errs = append(errs, err)
+	} else if _, err := SweepHostVeths(ReservedHostVeths(st.Reservations)); err != nil {
+		errs = append(errs, err)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("GC: %w", errors.Join(errs...))

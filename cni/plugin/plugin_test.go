@@ -125,24 +125,23 @@ func TestAddCheckDel(t *testing.T) {
 					n.mustCode("CHECK", withPrev, p.env(), types.ErrIncompatibleCNIVersion, "CHECK needs 0.4.0")
 				}
 
-				// DEL, twice.
+				// DEL, twice. The namespace still exists: the host end is
+				// cut off (down, off the bridge), not deleted.
 				for i := range 2 {
 					if out, code := n.call("DEL", withPrev, p.env()); code != 0 {
 						t.Fatalf("DEL %d: %s", i, out)
 					}
 				}
-				if linkExists(hostName) {
-					t.Error("host veth still there after DEL")
-				}
+				mustBeDetached(t, hostName)
 				if st := n.store(); len(st.Reservations) != 0 {
 					t.Errorf("reservations after DEL: %v", st.Reservations)
 				}
-				p.in(t, func() error {
-					if _, err := netlink.LinkByName("eth0"); err == nil {
-						return errors.New("eth0 still in the pod after DEL")
-					}
-					return nil
-				})
+				if ver != "0.3.1" {
+					n.mustCode("CHECK", withPrev, p.env(), ErrCheckFailed, "no reservation")
+				}
+				// The runtime removes the namespace; the kernel takes the pair.
+				p.remove()
+				waitGone(t, hostName)
 			})
 		}
 	}
@@ -185,6 +184,11 @@ func TestCheckReportsWhatIsWrong(t *testing.T) {
 			}
 		}, "no reservation"},
 		{"bridge gone", func(t *testing.T, n *node, p *pod) { deleteLink(n.cfg.Bridge) }, "bridge kbr"},
+		{"host end detached", func(t *testing.T, n *node, p *pod) {
+			if err := detachLink(HostVethName(p.id, "eth0")); err != nil {
+				t.Fatal(err)
+			}
+		}, "DEL already ran"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t, "10.42.1.0/24")
@@ -343,11 +347,81 @@ func TestDelIsIdempotent(t *testing.T) {
 			if out, code := n.call("DEL", conf, p.env()); code != 0 {
 				t.Fatal(out)
 			}
-			if linkExists(HostVethName(p.id, "eth0")) || len(n.store().Reservations) != 0 {
-				t.Fatalf("%s: DEL left state behind", stage)
+			if l, err := netlink.LinkByName(HostVethName(p.id, "eth0")); err == nil && !detached(l) {
+				t.Fatalf("%s: DEL left the host veth attached", stage)
+			}
+			if len(n.store().Reservations) != 0 {
+				t.Fatalf("%s: DEL left a reservation", stage)
 			}
 		}
 	})
+}
+
+// mustBeDetached fails unless link exists, down and on no bridge.
+func mustBeDetached(t *testing.T, link string) {
+	t.Helper()
+	l, err := netlink.LinkByName(link)
+	if err != nil {
+		t.Fatalf("%s: %v", link, err)
+	}
+	if !detached(l) {
+		t.Fatalf("%s: flags %v, master %d: not detached", link, l.Attrs().Flags, l.Attrs().MasterIndex)
+	}
+}
+
+// TestDelDetachesThenSweep: DEL with the namespace alive cuts the pod off
+// at once (no traffic reaches it, the address can be reused); a host end
+// whose namespace is never removed is deleted by GC's sweep, which spares
+// reserved and attached veths and links that are not knit's.
+func TestDelDetachesThenSweep(t *testing.T) {
+	n := newNode(t, "10.42.1.0/24")
+	conf := n.conf("1.1.0", nil)
+	keep, gone := newPod(t, "sweep-keep"), newPod(t, "sweep-gone")
+	n.add(keep, "1.1.0", nil)
+	n.add(gone, "1.1.0", nil)
+	if out, code := n.call("DEL", conf, gone.env()); code != 0 {
+		t.Fatal(out)
+	}
+	goneHost := HostVethName(gone.id, "eth0")
+	mustBeDetached(t, goneHost)
+	// The kept pod's veth is down but reserved: not swept. A down veth
+	// without knit's prefix is not knit's: not swept.
+	keepHost := HostVethName(keep.id, "eth0")
+	if err := detachLink(keepHost); err != nil {
+		t.Fatal(err)
+	}
+	attrs := netlink.NewLinkAttrs()
+	attrs.Name = "other0"
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: attrs, PeerName: "other1"}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { deleteLink("other0") })
+	valid := []map[string]string{{"containerID": keep.id, "ifname": "eth0"}}
+	if out, code := n.call("GC", n.conf("1.1.0", map[string]any{"cni.dev/valid-attachments": valid}), nil); code != 0 {
+		t.Fatal(out)
+	}
+	if linkExists(goneHost) {
+		t.Error("GC left the detached host veth of a released pod")
+	}
+	if !linkExists(keepHost) || !linkExists("other0") {
+		t.Error("GC swept a reserved veth or one that is not knit's")
+	}
+	gone.in(t, func() error {
+		if _, err := netlink.LinkByName("eth0"); err == nil {
+			return errors.New("eth0 still in the pod after its host end was deleted")
+		}
+		return nil
+	})
+	// The runtime may ADD into the namespace again after a DEL.
+	p := newPod(t, "sweep-again")
+	n.add(p, "1.1.0", nil)
+	if out, code := n.call("DEL", conf, p.env()); code != 0 {
+		t.Fatal(out)
+	}
+	n.add(p, "1.1.0", nil)
+	if l, err := netlink.LinkByName(HostVethName(p.id, "eth0")); err != nil || detached(l) {
+		t.Fatalf("re-ADD after DEL: host veth %v, %v", l, err)
+	}
 }
 
 func waitGone(t *testing.T, link string) {
