@@ -1,0 +1,579 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"knit.dev/knit/lab"
+	"knit.dev/knit/lab/cp"
+	"knit.dev/knit/lab/sandbox"
+)
+
+// The workload (issue 5): proxyServices Services of one TCP port, each with
+// an EndpointSlice of proxyEndpoints ready endpoints written by the
+// benchmark itself, then proxyAdded single Services added one at a time.
+const (
+	proxyServices  = 10000
+	proxyEndpoints = 10
+	proxyWriters   = 32
+	proxyAdded     = 10
+	proxyNamespace = "proxy-bench"
+	proxyManagedBy = "knit-bench" // not the endpointslice controller's, which leaves the slices alone
+)
+
+// Limits: how long a proxy may take to program the Services before the
+// run gives up on it, and the cap on the iptables anchor (its first sync
+// alone takes over 10 minutes at this scale).
+const (
+	proxyProgramTimeout  = 8 * time.Minute
+	proxyIptablesTimeout = 3 * time.Minute
+	proxyAddTimeout      = 10 * time.Second
+	proxyTargetAdd       = 50 * time.Millisecond
+)
+
+// proxySide is one proxy under test, in its own node netns.
+type proxySide struct {
+	name    string
+	node    *lab.Node
+	metrics string                             // metrics URL
+	count   func(context.Context) (int, error) // Services programmed
+	pid     func() int
+	fullSum string // metric names of the full and partial sync histograms
+	partSum string
+
+	started    time.Time
+	programmed time.Duration // 0: not within its limit
+	firstSync  string
+	rss        int64 // KiB, after the first full sync
+	rssEnd     int64
+	added      []time.Duration
+	partial    string
+	cmd        *exec.Cmd
+}
+
+// BenchmarkProxy compares knit's service proxy with kube-proxy v1.37.2 at
+// 10,000 Services x 10 endpoints, side by side in one lab run:
+//
+//	sandbox root: control plane (lab/cp) on 198.18.0.254
+//	  netns node1: knit agent --components=proxy      (table inet knit-proxy)
+//	  netns node2: kube-proxy --proxy-mode=nftables   (table ip kube-proxy)
+//	  netns node3: kube-proxy --proxy-mode=iptables   (afterwards, alone, capped)
+//
+// The Services and their EndpointSlices are written before either proxy
+// starts; both start together and are timed from process start until their
+// service-ips map (KUBE-SERVICES chain for iptables) holds every Service.
+// Then proxyAdded Services are added one at a time and timed from the
+// EndpointSlice write returning until `nft monitor` in each netns shows the
+// ClusterIP's service-ips element. First full sync duration comes from each
+// proxy's own metric, RSS from /proc. Targets missed are reported, not
+// failed.
+//
+//	go test -run '^$' -bench BenchmarkProxy -benchtime 1x -timeout 60m ./bench/
+func BenchmarkProxy(b *testing.B) {
+	sandbox.Require(b)
+	ctx := context.Background()
+	began := time.Now()
+	cache, err := lab.CacheDir()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cpBin, err := cp.Build(ctx, cache)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cl, err := lab.Up(ctx, lab.Options{Nodes: 3, Components: "proxy", WorkDir: filepath.Join(cache, "bench", "proxy")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cl.Down()
+	n1, n2, n3 := cl.Nodes[0], cl.Nodes[1], cl.Nodes[2]
+
+	knitCount := func(ctx context.Context) (int, error) {
+		return proxyMapCount(ctx, n1, "inet", "knit-proxy", "service-ips-v4")
+	}
+	// What is programmed before the benchmark's Services: kubernetes (and
+	// kube-dns, whose Service has no endpoints).
+	base, err := knitCount(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, n := range cl.Nodes {
+		n.StopAgent()
+		// The agent leaves its table on exit; start every side from scratch.
+		_, _ = n.Exec(ctx, "nft", "delete", "table", "inet", "knit-proxy")
+	}
+
+	cfg := rest.CopyConfig(cl.Config)
+	cfg.QPS, cfg.Burst = 5000, 10000
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cl.EnsureNamespace(ctx, proxyNamespace); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	t0 := time.Now()
+	if err := proxyWriteAll(ctx, client); err != nil {
+		b.Fatal(err)
+	}
+	written := time.Since(t0)
+	target := base + proxyServices
+
+	knit := &proxySide{name: "knit", node: n1, metrics: n1.HealthURL() + "/metrics", count: knitCount,
+		pid: n1.AgentPID, fullSum: `knit_proxy_sync_duration_seconds_%s{kind="full"}`,
+		partSum: `knit_proxy_sync_duration_seconds_%s{kind="partial"}`}
+	nftKP := &proxySide{name: "kube-proxy nftables", node: n2, metrics: "http://" + n2.IP + ":10249/metrics",
+		count: func(ctx context.Context) (int, error) {
+			return proxyMapCount(ctx, n2, "ip", "kube-proxy", "service-ips")
+		},
+		fullSum: `kubeproxy_sync_full_proxy_rules_duration_seconds_%s{ip_family="IPv4"}`,
+		partSum: `kubeproxy_sync_partial_proxy_rules_duration_seconds_%s{ip_family="IPv4"}`}
+	nftKP.pid = func() int { return nftKP.cmd.Process.Pid }
+
+	// Start both together and wait for both.
+	knit.started = time.Now()
+	if err := n1.StartAgent(); err != nil {
+		b.Fatal(err)
+	}
+	nftKP.started = time.Now()
+	if nftKP.cmd, err = proxyKubeProxy(cpBin, cl, n2, "nftables"); err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for _, s := range []*proxySide{knit, nftKP} {
+		wg.Go(func() { s.waitProgrammed(ctx, b, target, proxyProgramTimeout) })
+	}
+	wg.Wait()
+	if knit.programmed == 0 {
+		b.Fatalf("knit did not program %d Services within %v (log: %s)", target, proxyProgramTimeout, filepath.Join(n1.Dir, "agent.log"))
+	}
+
+	// One added Service at a time, watched by both.
+	sides := []*proxySide{knit}
+	if nftKP.programmed > 0 {
+		sides = append(sides, nftKP)
+	}
+	before := map[*proxySide][2]float64{}
+	for _, s := range sides {
+		sum, count := s.histogram(s.partSum)
+		before[s] = [2]float64{sum, count}
+	}
+	var apiWrites []time.Duration
+	if err := proxyAddServices(ctx, b, client, sides, &apiWrites); err != nil {
+		b.Fatal(err)
+	}
+	for _, s := range sides {
+		sum, count := s.histogram(s.partSum)
+		if d := count - before[s][1]; d > 0 {
+			s.partial = fmt.Sprintf("%.1f ms (%d syncs)", 1000*(sum-before[s][0])/d, int(d))
+		}
+		s.rssEnd = proxyRSS(s.pid())
+	}
+	proxyStop(nftKP.cmd)
+
+	// The iptables anchor, alone and capped.
+	ipt := &proxySide{name: "kube-proxy iptables", node: n3, metrics: "http://" + n3.IP + ":10249/metrics",
+		count:   func(ctx context.Context) (int, error) { return proxyIptablesCount(ctx, n3) },
+		fullSum: `kubeproxy_sync_full_proxy_rules_duration_seconds_%s{ip_family="IPv4"}`}
+	ipt.pid = func() int { return ipt.cmd.Process.Pid }
+	ipt.started = time.Now()
+	if ipt.cmd, err = proxyKubeProxy(cpBin, cl, n3, "iptables"); err != nil {
+		b.Fatal(err)
+	}
+	ipt.waitProgrammed(ctx, b, target+proxyAdded+1, proxyIptablesTimeout)
+	ipt.rssEnd = proxyRSS(ipt.pid())
+	proxyStop(ipt.cmd)
+	b.StopTimer()
+
+	table := proxyReport(knit, nftKP, ipt, written, apiWrites, time.Since(began))
+	b.Log(table)
+	if err := os.WriteFile(filepath.Join(cache, "bench", "proxy", "results.txt"), []byte(table), 0o644); err != nil {
+		b.Error(err)
+	}
+}
+
+// proxyWriteAll writes the Services and their EndpointSlices with
+// proxyWriters concurrent writers. The Services have no selector: the
+// endpointslice controller would otherwise write an empty slice of its own
+// for each (10,000 writes neither proxy uses, racing the measurement).
+func proxyWriteAll(ctx context.Context, client kubernetes.Interface) error {
+	idx := make(chan int)
+	errs := make(chan error, proxyWriters)
+	var wg sync.WaitGroup
+	for range proxyWriters {
+		wg.Go(func() {
+			for i := range idx {
+				if _, err := proxyCreate(ctx, client, fmt.Sprintf("svc-%05d", i), i); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	for i := range proxyServices {
+		select {
+		case idx <- i:
+		case err := <-errs:
+			close(idx)
+			wg.Wait()
+			return err
+		}
+	}
+	close(idx)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+		return nil
+	}
+}
+
+// proxyCreate writes Service name (port 80) and its slice of proxyEndpoints
+// ready endpoints (10.42.x.y:8080) and returns the ClusterIP.
+func proxyCreate(ctx context.Context, client kubernetes.Interface, name string, i int) (string, error) {
+	svc, err := client.CoreV1().Services(proxyNamespace).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{
+			Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("service %s: %w", name, err)
+	}
+	eps := make([]discoveryv1.Endpoint, proxyEndpoints)
+	for k := range eps {
+		j := (i*proxyEndpoints + k) % (254 * 256)
+		eps[k] = discoveryv1.Endpoint{
+			Addresses:  []string{fmt.Sprintf("10.42.%d.%d", j/254, j%254+1)},
+			Conditions: discoveryv1.EndpointConditions{Ready: new(true)},
+		}
+	}
+	_, err = client.DiscoveryV1().EndpointSlices(proxyNamespace).Create(ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: name + "-bench", Labels: map[string]string{
+			discoveryv1.LabelServiceName: name,
+			discoveryv1.LabelManagedBy:   proxyManagedBy,
+		}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   eps,
+		Ports:       []discoveryv1.EndpointPort{{Name: new(""), Protocol: new(corev1.ProtocolTCP), Port: new(int32(8080))}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("endpointslice %s: %w", name, err)
+	}
+	return svc.Spec.ClusterIP, nil
+}
+
+// proxyKubeProxy starts kube-proxy (the control plane build, v1.37.2) in
+// the node's netns. nf_conntrack_max cannot be set in a netns, hence
+// --conntrack-max-per-core=0.
+func proxyKubeProxy(cpBin string, cl *lab.Cluster, n *lab.Node, mode string) (*exec.Cmd, error) {
+	logf, err := os.Create(filepath.Join(n.Dir, "kube-proxy-"+mode+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("ip", "netns", "exec", n.Name, cpBin, "kube-proxy",
+		"--proxy-mode="+mode,
+		"--kubeconfig", cl.Kubeconfig(),
+		"--hostname-override", n.Name,
+		"--cluster-cidr", lab.ClusterCIDR,
+		"--conntrack-max-per-core=0",
+		"--metrics-bind-address", n.IP+":10249",
+		"--healthz-bind-address", n.IP+":10256",
+		"--v=1")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, err
+	}
+	go func() { _ = cmd.Wait(); logf.Close() }()
+	return cmd, nil
+}
+
+func proxyStop(cmd *exec.Cmd) {
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	time.Sleep(time.Second)
+	_ = cmd.Process.Kill()
+}
+
+// waitProgrammed polls until the side has programmed want Services, then
+// reads its first full sync metric and RSS.
+func (s *proxySide) waitProgrammed(ctx context.Context, b *testing.B, want int, limit time.Duration) {
+	for time.Since(s.started) < limit {
+		if n, err := s.count(ctx); err == nil && n >= want {
+			s.programmed = time.Since(s.started)
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if s.programmed == 0 {
+		b.Logf("%s: did not program %d Services within %v", s.name, want, limit)
+		return
+	}
+	if sum, count := s.histogram(s.fullSum); count > 0 {
+		s.firstSync = fmt.Sprintf("%.2f s", sum/count)
+		if count > 1 {
+			s.firstSync += fmt.Sprintf(" (mean of %d)", int(count))
+		}
+	}
+	s.rss = proxyRSS(s.pid())
+}
+
+// histogram reads the _sum and _count of a histogram from the metrics page.
+func (s *proxySide) histogram(format string) (sum, count float64) {
+	if format == "" {
+		return 0, 0
+	}
+	resp, err := http.Get(s.metrics)
+	if err != nil {
+		return 0, 0
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	get := func(name string) float64 {
+		for line := range strings.Lines(string(body)) {
+			if rest, ok := strings.CutPrefix(line, name+" "); ok {
+				v, _ := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+				return v
+			}
+		}
+		return 0
+	}
+	return get(fmt.Sprintf(format, "sum")), get(fmt.Sprintf(format, "count"))
+}
+
+// proxyMapCount is the number of elements in an nftables map of the node.
+func proxyMapCount(ctx context.Context, n *lab.Node, family, table, name string) (int, error) {
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", n.Name, "nft", "-j", "list", "map", family, table, name).Output()
+	if err != nil {
+		return 0, err
+	}
+	var doc struct {
+		Nftables []struct {
+			Map *struct {
+				Elem []json.RawMessage `json:"elem"`
+			} `json:"map"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		return 0, err
+	}
+	for _, o := range doc.Nftables {
+		if o.Map != nil {
+			return len(o.Map.Elem), nil
+		}
+	}
+	return 0, nil
+}
+
+// proxyIptablesCount is the number of Service jumps in KUBE-SERVICES.
+func proxyIptablesCount(ctx context.Context, n *lab.Node) (int, error) {
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", n.Name, "iptables-save", "-t", "nat").Output()
+	if err != nil {
+		return 0, err
+	}
+	c := 0
+	for line := range strings.Lines(string(out)) {
+		if strings.HasPrefix(line, "-A KUBE-SERVICES ") && strings.Contains(line, "-j KUBE-SVC-") {
+			c++
+		}
+	}
+	return c, nil
+}
+
+// proxyRSS is VmRSS of pid in KiB.
+func proxyRSS(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			v, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
+			return v
+		}
+	}
+	return 0
+}
+
+// proxyMonitor follows `nft monitor new elements` in a node's netns and
+// remembers when each service-ips line was first seen.
+type proxyMonitor struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	seen []proxyLine
+}
+
+type proxyLine struct {
+	at   time.Time
+	text string
+}
+
+func proxyStartMonitor(n *lab.Node) (*proxyMonitor, error) {
+	m := &proxyMonitor{cmd: exec.Command("ip", "netns", "exec", n.Name, "nft", "monitor", "new", "elements")}
+	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := m.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := m.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 1<<20), 1<<24)
+		for sc.Scan() {
+			if t := sc.Text(); strings.Contains(t, "service-ips") {
+				m.mu.Lock()
+				m.seen = append(m.seen, proxyLine{time.Now(), t})
+				m.mu.Unlock()
+			}
+		}
+	}()
+	return m, nil
+}
+
+// wait returns when the ClusterIP's element was seen, or false at timeout.
+func (m *proxyMonitor) wait(ip string, timeout time.Duration) (time.Time, bool) {
+	key := "{ " + ip + " . "
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		m.mu.Lock()
+		for _, l := range m.seen {
+			if strings.Contains(l.text, key) {
+				m.mu.Unlock()
+				return l.at, true
+			}
+		}
+		m.mu.Unlock()
+		time.Sleep(time.Millisecond)
+	}
+	return time.Time{}, false
+}
+
+func (m *proxyMonitor) stop() { _ = m.cmd.Process.Kill(); _ = m.cmd.Wait() }
+
+// proxyAddServices adds proxyAdded Services one at a time and records, per
+// side, the time from the EndpointSlice write returning to the element.
+func proxyAddServices(ctx context.Context, b *testing.B, client kubernetes.Interface, sides []*proxySide, apiWrites *[]time.Duration) error {
+	mons := make([]*proxyMonitor, len(sides))
+	for i, s := range sides {
+		m, err := proxyStartMonitor(s.node)
+		if err != nil {
+			return err
+		}
+		defer m.stop()
+		mons[i] = m
+	}
+	time.Sleep(2 * time.Second) // monitors subscribed
+	// Index -1 is an uncounted warm-up (the first run lost the first one
+	// while the monitors were starting under load).
+	for i := -1; i < proxyAdded; i++ {
+		t0 := time.Now()
+		ip, err := proxyCreate(ctx, client, fmt.Sprintf("added-%02d", i+1), proxyServices+i+1)
+		if err != nil {
+			return err
+		}
+		t1 := time.Now()
+		if i < 0 {
+			for k := range sides {
+				mons[k].wait(ip, proxyAddTimeout)
+			}
+			continue
+		}
+		*apiWrites = append(*apiWrites, t1.Sub(t0))
+		for k, s := range sides {
+			at, ok := mons[k].wait(ip, proxyAddTimeout)
+			if !ok {
+				b.Logf("%s: Service %s not programmed within %v", s.name, ip, proxyAddTimeout)
+				continue
+			}
+			s.added = append(s.added, max(at.Sub(t1), 0))
+		}
+		time.Sleep(time.Second) // let both settle before the next one
+	}
+	return nil
+}
+
+func proxyPct(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(p*float64(len(s))+0.5) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
+
+func proxyMS(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/1e6) }
+
+func proxyRatio(a, b float64) string {
+	if a <= 0 || b <= 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1fx", b/a)
+}
+
+func proxyReport(knit, nft, ipt *proxySide, written time.Duration, apiWrites []time.Duration, wall time.Duration) string {
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "\n%d Services x %d endpoints written in %.1f s (%d writers); added Service+slice write p50 %s\n",
+		proxyServices, proxyEndpoints, written.Seconds(), proxyWriters, proxyMS(proxyPct(apiWrites, 0.5)))
+	w := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "metric\tknit\tkube-proxy nftables\tratio (kube-proxy/knit)\tkube-proxy iptables")
+	prog := func(s *proxySide, limit time.Duration) string {
+		if s.programmed == 0 {
+			return fmt.Sprintf("did not finish within %v", limit)
+		}
+		return fmt.Sprintf("%.1f s", s.programmed.Seconds())
+	}
+	fmt.Fprintf(w, "start to all programmed\t%s\t%s\t%s\t%s\n", prog(knit, proxyProgramTimeout), prog(nft, proxyProgramTimeout),
+		proxyRatio(knit.programmed.Seconds(), nft.programmed.Seconds()), prog(ipt, proxyIptablesTimeout))
+	fmt.Fprintf(w, "first full sync (own metric)\t%s\t%s\t\t%s\n", knit.firstSync, nft.firstSync, ipt.firstSync)
+	for _, q := range []struct {
+		name string
+		p    float64
+	}{{"added Service p50", 0.5}, {"added Service p99", 0.99}} {
+		a, c := proxyPct(knit.added, q.p), proxyPct(nft.added, q.p)
+		fmt.Fprintf(w, "%s (n=%d/%d)\t%s\t%s\t%s\t-\n", q.name, len(knit.added), len(nft.added), proxyMS(a), proxyMS(c),
+			proxyRatio(float64(a), float64(c)))
+	}
+	fmt.Fprintf(w, "partial sync (own metric, mean)\t%s\t%s\t\t-\n", knit.partial, nft.partial)
+	fmt.Fprintf(w, "RSS after first sync\t%d MB\t%d MB\t%s\t%d MB\n", knit.rss/1024, nft.rss/1024,
+		proxyRatio(float64(knit.rss), float64(nft.rss)), ipt.rss/1024)
+	fmt.Fprintf(w, "RSS at end\t%d MB\t%d MB\t%s\t%d MB\n", knit.rssEnd/1024, nft.rssEnd/1024,
+		proxyRatio(float64(knit.rssEnd), float64(nft.rssEnd)), ipt.rssEnd/1024)
+	w.Flush()
+	verdict := "met"
+	if p := proxyPct(knit.added, 0.99); p > proxyTargetAdd || len(knit.added) < proxyAdded {
+		verdict = "MISSED"
+	}
+	fmt.Fprintf(&sb, "target: knit added Service p99 <= %v: %s; wall %.0f s\n", proxyTargetAdd, verdict, wall.Seconds())
+	return sb.String()
+}
