@@ -80,7 +80,10 @@ type Options struct {
 	// Components is the agent's --components value (default: all but
 	// "cni" when CNI is CNIReference).
 	Components string
-	Log        *slog.Logger
+	// Topology is the underlay: TopologyFlat (default, one subnet) or
+	// TopologyTwoSubnets (see topology.go).
+	Topology string
+	Log      *slog.Logger
 }
 
 // Cluster is a running lab.
@@ -233,6 +236,10 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control plane: %w", err)
 	}
+	if err := c.setupTopology(ctx); err != nil {
+		c.Down()
+		return nil, err
+	}
 	c.Config = c.CP.RestConfig()
 	if c.Client, err = kubernetes.NewForConfig(c.Config); err != nil {
 		c.Down()
@@ -285,12 +292,14 @@ func (c *Cluster) createClusterServices(ctx context.Context) error {
 	return err
 }
 
-// AddNode creates node i (198.18.0.i): its netns, its Node object, and
-// starts its agent and kubelet.
+// AddNode creates node i (198.18.0.i, or 198.19.0.i for an even i in
+// TopologyTwoSubnets): its netns, its Node object, and starts its agent and
+// kubelet.
 func (c *Cluster) AddNode(ctx context.Context, i int) (*Node, error) {
+	ul := c.underlayFor(i)
 	n := &Node{
 		Name:    fmt.Sprintf("node%d", i),
-		IP:      fmt.Sprintf("198.18.0.%d", i),
+		IP:      ul.IP,
 		Index:   i,
 		Dir:     filepath.Join(c.opts.WorkDir, fmt.Sprintf("node%d", i)),
 		cluster: c,
@@ -304,11 +313,14 @@ func (c *Cluster) AddNode(ctx context.Context, i int) (*Node, error) {
 	steps := [][]string{
 		{"netns", "add", n.Name},
 		{"link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", n.Name},
-		{"link", "set", host, "master", UnderlayBridge, "up"},
+		{"link", "set", host, "master", ul.Bridge, "up"},
 		{"-n", n.Name, "link", "set", "lo", "up"},
 		{"-n", n.Name, "addr", "add", n.IP + "/24", "dev", "eth0"},
 		{"-n", n.Name, "link", "set", "eth0", "up"},
-		{"-n", n.Name, "route", "add", "default", "via", UnderlayGateway},
+		{"-n", n.Name, "route", "add", "default", "via", ul.Gateway},
+	}
+	for _, r := range ul.Routes {
+		steps = append(steps, append([]string{"-n", n.Name, "route", "add"}, r...))
 	}
 	for _, s := range steps {
 		if out, err := exec.CommandContext(ctx, "ip", s...).CombinedOutput(); err != nil {
