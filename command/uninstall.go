@@ -74,12 +74,15 @@ still running on the node lose their network.`,
 	}
 }
 
-// installCNICommand is the DaemonSet's init step: the binary and its
-// symlinks into the host's CNI bin dir.
+// installCNICommand is the DaemonSet's init step: the CNI plugin into the
+// host's CNI bin dir. The plugin is knit-cni when the image ships it beside
+// this binary (as the agent's own install step picks it, see
+// defaultPluginBinary), else this multi-call binary plus its knit-*
+// symlinks; role symlinks to the plugin-only build would not run the roles.
 func installCNICommand() *cli.Command {
 	return &cli.Command{
 		Name:  "install-cni",
-		Usage: "copy this binary into the CNI bin dir as the knit plugin, with the knit-* symlinks (the DaemonSet's init container)",
+		Usage: "copy the CNI plugin (knit-cni beside this binary, else this binary with its knit-* symlinks) into the CNI bin dir as knit (the DaemonSet's init container)",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "cni-bin-dir", Value: plugin.DefaultBinDir},
 		},
@@ -88,11 +91,15 @@ func installCNICommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			src, links := defaultPluginBinary(), symlinkNames()
+			if src != exe {
+				links = nil
+			}
 			dir := c.String("cni-bin-dir")
-			if err := uninstall.InstallBinary(exe, dir, symlinkNames()); err != nil {
+			if err := uninstall.InstallBinary(src, dir, links); err != nil {
 				return err
 			}
-			fmt.Fprintf(c.App.Writer, "installed %s into %s with %v\n", exe, dir, symlinkNames())
+			fmt.Fprintf(c.App.Writer, "installed %s into %s as %s, symlinks %v\n", src, dir, plugin.PluginType, links)
 			return nil
 		},
 	}

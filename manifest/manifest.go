@@ -466,9 +466,10 @@ not through the "kubernetes" Service IP that knit itself programs.`
 - priorityClassName system-node-critical, tolerations [operator: Exists]:
   without the agent a node has no pod network, so it runs on every node,
   tainted or not, and is the last thing evicted.
-- install-cni (init container, no capabilities): copies the knit binary into
-  /opt/cni/bin (the CNI plugin the runtime runs is knit itself) with the
-  knit-* symlinks, atomically, before the agent writes the CNI config.
+- install-cni (init container, no capabilities): copies the CNI plugin into
+  /opt/cni/bin as "knit" (the image's plugin-only knit-cni, which starts
+  faster per exec than the multi-call binary), atomically, before the agent
+  writes the CNI config.
 - privileged: the agent writes /proc/sys/net settings (ip_forward,
   send_redirects, accept_ra and bridge-nf-call for cni0), and container
   runtimes mount /proc/sys read-only in every container that is not

@@ -134,7 +134,6 @@ func TestNamesMatchTheirOwners(t *testing.T) {
 		{"../proxy/render.go", `(?m)^\s*tableName\s*=\s*"` + ProxyTable + `"`},
 		{"../proxy/proxier.go", `knftables\.New\(knftables\.InetFamily, tableName\)`},
 		{"../overlay/overlay.go", `knftables\.New\(knftables\.InetFamily, nftTable\)`},
-		{"../cni/node/files.go", `"\."\s*\+\s*filepath\.Base\(path\)\s*\+\s*"` + regexp.QuoteMeta(tmpSuffix) + `"`},
 	} {
 		b, err := os.ReadFile(c.file)
 		if err != nil {

@@ -1,15 +1,13 @@
 package uninstall
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 
 	"knit.dev/knit/cni/plugin"
+	"knit.dev/knit/internal/atomicfile"
 )
 
 // InstallBinary is the install side of the file list above, run by the
@@ -32,7 +30,7 @@ func InstallBinary(src, binDir string, symlinks []string) error {
 		return fmt.Errorf("binary to install: %s is not a regular file", src)
 	}
 	dst := filepath.Join(binDir, plugin.PluginType)
-	if err := copyFile(src, dst, si); err != nil {
+	if _, err := atomicfile.CopyExecutable(src, dst); err != nil {
 		return fmt.Errorf("install %s: %w", dst, err)
 	}
 	for _, name := range symlinks {
@@ -43,88 +41,14 @@ func InstallBinary(src, binDir string, symlinks []string) error {
 		if fi, err := os.Lstat(p); err == nil && fi.Mode()&fs.ModeSymlink == 0 {
 			return fmt.Errorf("%s exists and is not a symbolic link: not replacing it", p)
 		}
-		tmp := tmpPath(p)
+		tmp := atomicfile.TempName(p)
 		os.Remove(tmp)
 		if err := os.Symlink(plugin.PluginType, tmp); err != nil {
 			return err
 		}
-		if err := os.Rename(tmp, p); err != nil {
-			os.Remove(tmp)
+		if err := atomicfile.Rename(tmp, p); err != nil {
 			return err
 		}
 	}
-	return syncDir(binDir)
-}
-
-func copyFile(src, dst string, si fs.FileInfo) error {
-	if di, err := os.Stat(dst); err == nil && di.Mode().IsRegular() &&
-		di.Size() == si.Size() && di.ModTime().Equal(si.ModTime()) && di.Mode().Perm() == 0o755 &&
-		sameContent(src, dst) {
-		// Current. The contents are compared too, not only size and time
-		// as cni/node does: images are built with fixed timestamps, so
-		// two versions of the binary can agree on both.
-		return nil
-	}
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	tmp := tmpPath(dst)
-	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o755)
-	if err != nil {
-		return err
-	}
-	err = out.Chmod(0o755)
-	if err == nil {
-		_, err = io.Copy(out, in)
-	}
-	if err == nil {
-		err = out.Sync()
-	}
-	err = errors.Join(err, out.Close())
-	if err == nil {
-		err = os.Chtimes(tmp, si.ModTime(), si.ModTime())
-	}
-	if err == nil {
-		err = os.Rename(tmp, dst)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-// sameContent reports whether the files at a and b have equal bytes.
-func sameContent(a, b string) bool {
-	fa, err := os.Open(a)
-	if err != nil {
-		return false
-	}
-	defer fa.Close()
-	fb, err := os.Open(b)
-	if err != nil {
-		return false
-	}
-	defer fb.Close()
-	ba, bb := make([]byte, 1<<20), make([]byte, 1<<20)
-	for {
-		na, erra := io.ReadFull(fa, ba)
-		nb, errb := io.ReadFull(fb, bb)
-		if na != nb || !bytes.Equal(ba[:na], bb[:nb]) {
-			return false
-		}
-		if erra != nil || errb != nil {
-			return (erra == io.EOF || erra == io.ErrUnexpectedEOF) && (errb == io.EOF || errb == io.ErrUnexpectedEOF)
-		}
-	}
+	return nil
 }

@@ -56,6 +56,7 @@ import (
 	"knit.dev/knit/cni/hostport"
 	"knit.dev/knit/cni/plugin"
 	"knit.dev/knit/dns"
+	"knit.dev/knit/internal/atomicfile"
 )
 
 // Names that the owning packages keep unexported; a test checks them
@@ -73,8 +74,6 @@ const (
 	// bridgeAlias, set as the CNI bridge's interface alias, would mark it
 	// as knit's beyond doubt (see bridgeOwned).
 	bridgeAlias = "knit"
-	// tmpSuffix is the suffix of knit's temporary files (cni/node).
-	tmpSuffix = ".knit-tmp"
 )
 
 // Tables lists knit's nftables tables (family inet).
@@ -390,11 +389,11 @@ func planFiles(cfg Config) ([]Step, error) {
 	var errs []error
 	for _, dir := range runDirs(cfg) {
 		p := plugin.NodeConfigPath(dir)
-		paths = append(paths, p, tmpPath(p))
+		paths = append(paths, p, atomicfile.TempName(p))
 	}
 	conf := filepath.Join(cfg.CNIConfDir, plugin.ConfListName)
 	bin := filepath.Join(cfg.CNIBinDir, plugin.PluginType)
-	paths = append(paths, conf, tmpPath(conf), bin, tmpPath(bin))
+	paths = append(paths, conf, atomicfile.TempName(conf), bin, atomicfile.TempName(bin))
 	var steps []Step
 	seen := map[string]bool{}
 	for _, p := range paths {
@@ -463,11 +462,6 @@ func runDirs(cfg Config) []string {
 	}
 	sort.Strings(dirs[1:])
 	return dirs
-}
-
-// tmpPath is cni/node's temporary file for path.
-func tmpPath(path string) string {
-	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+tmpSuffix)
 }
 
 func isNotFound(err error) bool {

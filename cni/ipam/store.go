@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"knit.dev/knit/internal/atomicfile"
 )
 
 // BootIDPath is where the kernel publishes the current boot's random ID.
@@ -221,7 +223,7 @@ func (s *Store) write(st *State) error {
 	if err != nil {
 		return fmt.Errorf("ipam: encode state: %w", err)
 	}
-	if err := replaceFile(s.dir, s.tmpPath, s.path, append(data, '\n'), s.opts.Durable); err != nil {
+	if err := atomicfile.Write(s.path, append(data, '\n'), atomicfile.Options{Temp: s.tmpPath, NoSync: !s.opts.Durable}); err != nil {
 		return fmt.Errorf("ipam: write state: %w", err)
 	}
 	st.dirty = false
@@ -231,40 +233,8 @@ func (s *Store) write(st *State) error {
 // writeBoot records the current boot ID, durably: everything written
 // without fsync in this boot relies on it.
 func (s *Store) writeBoot() error {
-	if err := replaceFile(s.dir, s.bootPath+".tmp", s.bootPath, []byte(s.opts.Boot+"\n"), true); err != nil {
+	if err := atomicfile.Write(s.bootPath, []byte(s.opts.Boot+"\n"), atomicfile.Options{Temp: s.bootPath + ".tmp"}); err != nil {
 		return fmt.Errorf("ipam: record boot ID: %w", err)
-	}
-	return nil
-}
-
-func replaceFile(dir, tmp, path string, data []byte, durable bool) error {
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil && durable {
-		// fdatasync also flushes the size of this freshly written file,
-		// which is all a reader needs.
-		err = unix.Fdatasync(int(f.Fd()))
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	if durable {
-		d, err := os.Open(dir)
-		if err != nil {
-			return err
-		}
-		defer d.Close()
-		return d.Sync()
 	}
 	return nil
 }

@@ -29,21 +29,23 @@ func entries(t *testing.T, r io.Reader) []string {
 }
 
 // TestBinaryLayerIsReproducible: the same binary gives the same layer
-// digest, whatever the file's own time, and it sits where the manifest runs it.
+// digest, whatever the file's own time, and knit and knit-cni sit where the
+// manifest and install-cni expect them.
 func TestBinaryLayerIsReproducible(t *testing.T) {
 	bin := filepath.Join(t.TempDir(), "knit")
 	if err := os.WriteFile(bin, []byte("binary"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	epoch := time.Unix(0, 0)
-	l1, err := binaryLayer(bin, epoch)
+	files := map[string]string{binaryPath: bin, pluginPath: bin}
+	l1, err := binaryLayer(files, epoch)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Chtimes(bin, time.Now(), time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	l2, _ := binaryLayer(bin, epoch)
+	l2, _ := binaryLayer(files, epoch)
 	d1, _ := l1.Digest()
 	d2, _ := l2.Digest()
 	if d1 != d2 {
@@ -51,7 +53,7 @@ func TestBinaryLayerIsReproducible(t *testing.T) {
 	}
 	rc, _ := l1.Uncompressed()
 	defer rc.Close()
-	if got := entries(t, rc); !slices.Equal(got, []string{"usr/", "usr/local/", "usr/local/bin/", "usr/local/bin/knit"}) {
+	if got := entries(t, rc); !slices.Equal(got, []string{"usr/", "usr/local/", "usr/local/bin/", "usr/local/bin/knit", "usr/local/bin/knit-cni"}) {
 		t.Errorf("layer entries %v", got)
 	}
 }
