@@ -98,5 +98,6 @@ func buildIngress(a *Agent) (Component, error) {
 		EndpointSlices: a.cache.EndpointSlices(),
 		Secrets:        a.cache.TLSSecrets(),
 		Client:         a.conn.Client,
+		Nodes:          a.cache.Nodes(),
 	}, a.reg, a.log.With("component", "ingress"))
 }

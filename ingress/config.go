@@ -41,7 +41,7 @@ type Config struct {
 	// NodeName identifies this agent in the status Lease and in Events.
 	NodeName string
 	// NodeIPs are written to status.loadBalancer.ingress unless
-	// StatusFromService is set.
+	// StatusFromService is set or Sources.Nodes lists every node's.
 	NodeIPs []netip.Addr
 	// StatusFromService ("namespace/name", optional) copies that Service's
 	// load-balancer addresses (or external IPs) into Ingress status instead.
@@ -187,6 +187,10 @@ type Sources struct {
 	Secrets cache.SharedIndexInformer
 	// Client writes status, Events and the Lease; nil disables all three.
 	Client kubernetes.Interface
+	// Nodes (optional) lists the nodes whose addresses go into Ingress
+	// status: every node's agent serves the ingress. Without it status
+	// holds Config.NodeIPs, the writer's own addresses.
+	Nodes coreinformers.NodeInformer
 }
 
 // settings is the part of Config the data plane reads, in the form it

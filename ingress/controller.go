@@ -95,6 +95,18 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 	}
 	if src.Client != nil {
 		c.status = newStatusWriter(c)
+		if src.Nodes != nil && cfg.StatusFromService == "" {
+			// Node addresses only change what status says: no rebuild.
+			reg, err := src.Nodes.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+				AddFunc:    func(any) { c.status.trigger() },
+				UpdateFunc: func(old, cur any) { c.status.trigger() },
+				DeleteFunc: func(any) { c.status.trigger() },
+			})
+			if err != nil {
+				return nil, fmt.Errorf("ingress: event handler: %w", err)
+			}
+			c.synced = append(c.synced, reg.HasSynced)
+		}
 	}
 	return c, nil
 }

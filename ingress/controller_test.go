@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"slices"
 	"testing"
 	"time"
 
@@ -58,6 +59,7 @@ func startFakeCluster(t *testing.T, cfg Config, objs ...runtime.Object) *fakeClu
 		EndpointSlices: factory.Discovery().V1().EndpointSlices(),
 		Secrets:        factory.Core().V1().Secrets().Informer(),
 		Client:         client,
+		Nodes:          factory.Core().V1().Nodes(),
 	}
 	cfg.HTTPAddr, cfg.HTTPSAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.MinSyncInterval = 10 * time.Millisecond
@@ -191,6 +193,64 @@ func TestControllerFromFakeCache(t *testing.T) {
 		code, _ := fc.get("free.com", "/")
 		return code == 200
 	})
+}
+
+func fakeNode(name string, ready bool, addrs ...corev1.NodeAddress) *corev1.Node {
+	st := corev1.ConditionFalse
+	if ready {
+		st = corev1.ConditionTrue
+	}
+	return &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, ResourceVersion: "1"},
+		Status: corev1.NodeStatus{
+			Addresses:  addrs,
+			Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: st}},
+		},
+	}
+}
+
+// TestStatusFollowsNodes: status lists every Ready node (ExternalIP over
+// InternalIP), follows nodes becoming Ready, and is cleared from an
+// Ingress that leaves knit's class.
+func TestStatusFollowsNodes(t *testing.T) {
+	internal := func(ip string) corev1.NodeAddress { return corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip} }
+	external := func(ip string) corev1.NodeAddress { return corev1.NodeAddress{Type: corev1.NodeExternalIP, Address: ip} }
+	ing := newIngress("site", 0, rule("site.com", path("/", prefix, "web")))
+	fc := startFakeCluster(t, Config{NodeName: "n1", NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")}},
+		knitClass(false), ing, fakeService("web", 80),
+		fakeNode("n1", true, internal("192.0.2.1")),
+		fakeNode("n2", true, internal("192.0.2.2"), external("203.0.113.2")),
+		fakeNode("n3", false, internal("192.0.2.3")))
+	ctx := context.Background()
+	status := func() []string {
+		got, err := fc.client.NetworkingV1().Ingresses("default").Get(ctx, "site", metav1.GetOptions{})
+		if err != nil {
+			return nil
+		}
+		var ips []string
+		for _, lb := range got.Status.LoadBalancer.Ingress {
+			ips = append(ips, lb.IP)
+		}
+		return ips
+	}
+	eventually(t, "status of the Ready nodes", func() bool {
+		return slices.Equal(status(), []string{"192.0.2.1", "203.0.113.2"})
+	})
+	n3 := fakeNode("n3", true, internal("192.0.2.3"))
+	n3.ResourceVersion = "2"
+	if _, err := fc.client.CoreV1().Nodes().Update(ctx, n3, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "n3 Ready joins status", func() bool {
+		return slices.Equal(status(), []string{"192.0.2.1", "192.0.2.3", "203.0.113.2"})
+	})
+	cur, _ := fc.client.NetworkingV1().Ingresses("default").Get(ctx, "site", metav1.GetOptions{})
+	cur.Spec.IngressClassName = ptr("nginx")
+	cur.ResourceVersion = "5"
+	if _, err := fc.client.NetworkingV1().Ingresses("default").Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "status cleared after leaving the class", func() bool { return len(status()) == 0 })
 }
 
 // TestRunListensOnConfiguredAddresses checks Run binds what it is told and

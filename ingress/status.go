@@ -10,6 +10,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/leaderelection"
@@ -137,9 +139,7 @@ func (w *statusWriter) addresses() []networkingv1.IngressLoadBalancerIngress {
 			}
 		}
 	} else {
-		for _, ip := range c.cfg.NodeIPs {
-			out = append(out, networkingv1.IngressLoadBalancerIngress{IP: ip.String()})
-		}
+		out = w.nodeAddresses()
 	}
 	slices.SortFunc(out, func(a, b networkingv1.IngressLoadBalancerIngress) int {
 		if a.IP != b.IP {
@@ -150,35 +150,100 @@ func (w *statusWriter) addresses() []networkingv1.IngressLoadBalancerIngress {
 	return out
 }
 
-// writeStatus updates the Ingresses whose status differs; it reports
-// whether every write succeeded.
+// nodeAddresses are the addresses of every Ready node (each serves the
+// ingress on its host network): a node's ExternalIPs when it has any, else
+// its InternalIPs. Without a Nodes informer, or before any node is Ready,
+// they are this node's own addresses.
+func (w *statusWriter) nodeAddresses() []networkingv1.IngressLoadBalancerIngress {
+	c := w.c
+	var out []networkingv1.IngressLoadBalancerIngress
+	if c.src.Nodes != nil {
+		nodes, _ := c.src.Nodes.Lister().List(labels.Everything())
+		for _, n := range nodes {
+			if n.DeletionTimestamp != nil || !nodeReady(n) {
+				continue
+			}
+			for _, typ := range []corev1.NodeAddressType{corev1.NodeExternalIP, corev1.NodeInternalIP} {
+				found := false
+				for _, a := range n.Status.Addresses {
+					if a.Type == typ && a.Address != "" {
+						out = append(out, networkingv1.IngressLoadBalancerIngress{IP: a.Address})
+						found = true
+					}
+				}
+				if found {
+					break
+				}
+			}
+		}
+	}
+	if len(out) == 0 {
+		for _, ip := range c.cfg.NodeIPs {
+			out = append(out, networkingv1.IngressLoadBalancerIngress{IP: ip.String()})
+		}
+	}
+	return out
+}
+
+func nodeReady(n *corev1.Node) bool {
+	for _, cond := range n.Status.Conditions {
+		if cond.Type == corev1.NodeReady {
+			return cond.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// writeStatus updates the Ingresses whose status differs, and clears the
+// status of Ingresses knit no longer serves (they left its class) when it
+// is the one knit wrote; it reports whether every write succeeded.
 func (w *statusWriter) writeStatus(ctx context.Context, res *buildResult) bool {
 	c := w.c
 	want := w.addresses()
 	ok := true
-	for _, served := range res.served {
-		ing, err := c.src.Ingresses.Lister().Ingresses(served.Namespace).Get(served.Name)
-		if err != nil || ing.DeletionTimestamp != nil {
-			continue
-		}
-		if sameLBIngress(ing.Status.LoadBalancer.Ingress, want) {
-			continue
-		}
-		upd := ing.DeepCopy()
-		upd.Status.LoadBalancer.Ingress = want
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err = c.src.Client.NetworkingV1().Ingresses(ing.Namespace).UpdateStatus(cctx, upd, metav1.UpdateOptions{})
-		cancel()
-		if err != nil {
-			if ctx.Err() == nil {
-				c.log.Warn("ingress status: update failed", "ingress", ing.Namespace+"/"+ing.Name, "err", err)
-			}
+	served := map[types.NamespacedName]bool{}
+	for _, ing := range res.served {
+		served[types.NamespacedName{Namespace: ing.Namespace, Name: ing.Name}] = true
+		if !w.setStatus(ctx, ing.Namespace, ing.Name, want) {
 			ok = false
+		}
+	}
+	all, _ := c.src.Ingresses.Lister().List(labels.Everything())
+	for _, ing := range all {
+		lb := ing.Status.LoadBalancer.Ingress
+		if served[types.NamespacedName{Namespace: ing.Namespace, Name: ing.Name}] || len(lb) == 0 || !sameLBIngress(lb, want) {
 			continue
 		}
-		c.m.statusWrites.Inc()
+		// Ours by its contents: another controller's status names its own
+		// addresses. Cleared so that a client does not keep sending to knit.
+		if !w.setStatus(ctx, ing.Namespace, ing.Name, nil) {
+			ok = false
+		}
 	}
 	return ok
+}
+
+// setStatus makes an Ingress's status.loadBalancer.ingress want; it
+// reports whether that worked (or nothing was to be done).
+func (w *statusWriter) setStatus(ctx context.Context, namespace, name string, want []networkingv1.IngressLoadBalancerIngress) bool {
+	c := w.c
+	ing, err := c.src.Ingresses.Lister().Ingresses(namespace).Get(name)
+	if err != nil || ing.DeletionTimestamp != nil || sameLBIngress(ing.Status.LoadBalancer.Ingress, want) {
+		return true
+	}
+	upd := ing.DeepCopy()
+	upd.Status.LoadBalancer.Ingress = want
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err = c.src.Client.NetworkingV1().Ingresses(namespace).UpdateStatus(cctx, upd, metav1.UpdateOptions{})
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			c.log.Warn("ingress status: update failed", "ingress", namespace+"/"+name, "err", err)
+		}
+		return false
+	}
+	c.m.statusWrites.Inc()
+	return true
 }
 
 func sameLBIngress(a, b []networkingv1.IngressLoadBalancerIngress) bool {
