@@ -167,16 +167,7 @@ func cniBuild(ctx context.Context, b *testing.B) cniBinaries {
 	if out.refDir, err = lab.BuildReferencePlugins(ctx, cacheDir); err != nil {
 		b.Fatal(err)
 	}
-	root, err := lab.RepoRoot()
-	if err != nil {
-		b.Fatal(err)
-	}
-	out.knitCNI = filepath.Join(cacheDir, "bin", "knit-cni")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out.knitCNI, "./cni/cmd/knit-cni")
-	cmd.Dir = root
-	if o, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("go build knit-cni: %v\n%s", err, o)
-	}
+	out.knitCNI = out.knit + "-cni" // BuildKnit builds it beside knit
 	return out
 }
 
