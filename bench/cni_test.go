@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"log/slog"
 	"math"
 	"net/netip"
@@ -279,7 +278,7 @@ func cniSetupNode(ctx context.Context, b *testing.B, bins cniBinaries) *cniNode 
 	}
 
 	// knit-cni: the same conflist and node, the plugin-only binary as knit.
-	if err := cniCopyFile(bins.knitCNI, filepath.Join(dirs["bin-knit-cni"], plugin.PluginType)); err != nil {
+	if err := copyExecutable(bins.knitCNI, filepath.Join(dirs["bin-knit-cni"], plugin.PluginType)); err != nil {
 		b.Fatal(err)
 	}
 	// reference: the plugins and the conflist exactly as the lab installs
@@ -290,7 +289,7 @@ func cniSetupNode(ctx context.Context, b *testing.B, bins cniBinaries) *cniNode 
 		b.Fatal(err)
 	}
 	for _, e := range entries {
-		if err := cniCopyFile(filepath.Join(bins.refDir, e.Name()), filepath.Join(dirs["bin-reference"], e.Name())); err != nil {
+		if err := copyExecutable(filepath.Join(bins.refDir, e.Name()), filepath.Join(dirs["bin-reference"], e.Name())); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -337,23 +336,6 @@ func cniConfList(dir string) (*libcni.NetworkConfigList, error) {
 		return nil, fmt.Errorf("no conflist in %s", dir)
 	}
 	return libcni.ConfListFromFile(files[0])
-}
-
-func cniCopyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // cniKey names one series of samples.

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"math"
@@ -313,28 +312,11 @@ func dnsBuild(ctx context.Context, b *testing.B, cacheDir, dir string) (knit, co
 	}
 	knit, coredns = filepath.Join(binDir, "knit"), filepath.Join(binDir, "knit-coredns")
 	for src, dst := range map[string]string{knitSrc: knit, corednsSrc: coredns} {
-		if err := dnsCopyFile(src, dst); err != nil {
+		if err := copyExecutable(src, dst); err != nil {
 			b.Fatal(err)
 		}
 	}
 	return knit, coredns
-}
-
-func dnsCopyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // dnsWant maps each query name to the addresses it must answer, sorted.
@@ -633,7 +615,7 @@ func dnsperf(ctx context.Context, netns string, s *dnsServer, set dnsQuerySet, s
 	if err != nil {
 		return r, err
 	}
-	cpu0, err := dnsCPUTime(s.pid())
+	cpu0, err := procCPU(s.pid())
 	if err != nil {
 		return r, fmt.Errorf("%s: %w", s.name, err)
 	}
@@ -661,7 +643,7 @@ func dnsperf(ctx context.Context, netns string, s *dnsServer, set dnsQuerySet, s
 	if err := cmd.Wait(); err != nil {
 		return r, fmt.Errorf("%s: %v\n%s%s", r.command, err, strings.Join(summary, "\n"), stderr.String())
 	}
-	cpu1, err := dnsCPUTime(s.pid())
+	cpu1, err := procCPU(s.pid())
 	if err != nil {
 		return r, fmt.Errorf("%s: %w", s.name, err)
 	}
@@ -848,25 +830,6 @@ func dnsRcvbuf(pid int, addr netip.AddrPort) (int, error) {
 		return err
 	})
 	return size, err
-}
-
-// dnsCPUTime returns the user+system CPU time of pid (all its threads).
-func dnsCPUTime(pid int) (time.Duration, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// Fields after the parenthesised command name: state is field 3,
-	// utime 14, stime 15.
-	_, rest, ok := strings.Cut(string(data), ") ")
-	f := strings.Fields(rest)
-	if !ok || len(f) < 13 {
-		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
-	}
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	// USER_HZ is 100 on every Linux architecture Go supports.
-	return time.Duration(utime+stime) * 10 * time.Millisecond, nil
 }
 
 // dnsMemory returns the memory fields of /proc/<pid>/status (VmRSS,

@@ -225,7 +225,7 @@ func overlayTable(w io.Writer, title string, res map[overlay.Backend][]iperf3Res
 		v, d := res[overlay.BackendVXLAN][r], res[overlay.BackendDirect][r]
 		fmt.Fprintf(tw, "%d\t%.2f\t%.2f\t%.2fx\t%d, %d\t%s, %s\t\n", r+1, v.gbps, d.gbps, v.gbps/d.gbps, v.retransmits, d.retransmits, v.load, d.load)
 	}
-	vx, di = overlayMedian(overlayGbps(res[overlay.BackendVXLAN])), overlayMedian(overlayGbps(res[overlay.BackendDirect]))
+	vx, di = median(overlayGbps(res[overlay.BackendVXLAN])), median(overlayGbps(res[overlay.BackendDirect]))
 	fmt.Fprintf(tw, "median\t%.2f\t%.2f\t%.2fx\t\t\t\n", vx, di, vx/di)
 	bv, bd := slices.Max(overlayGbps(res[overlay.BackendVXLAN])), slices.Max(overlayGbps(res[overlay.BackendDirect]))
 	fmt.Fprintf(tw, "best\t%.2f\t%.2f\t%.2fx\t\t\t\n", bv, bd, bv/bd)
@@ -247,28 +247,11 @@ func overlayBuild(ctx context.Context, b *testing.B, cache, dir string) string {
 		b.Fatal(err)
 	}
 	for _, name := range []string{"knit", "knit-cni"} {
-		if err := overlayCopy(filepath.Join(filepath.Dir(built), name), filepath.Join(bin, name)); err != nil {
+		if err := copyExecutable(filepath.Join(filepath.Dir(built), name), filepath.Join(bin, name)); err != nil {
 			b.Fatal(err)
 		}
 	}
 	return filepath.Join(bin, "knit")
-}
-
-func overlayCopy(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 type overlayRun struct {
@@ -582,18 +565,6 @@ func overlayGbps(rs []iperf3Result) []float64 {
 		out = append(out, r.gbps)
 	}
 	return out
-}
-
-func overlayMedian(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	v = slices.Clone(v)
-	slices.Sort(v)
-	if len(v)%2 == 1 {
-		return v[len(v)/2]
-	}
-	return (v[len(v)/2-1] + v[len(v)/2]) / 2
 }
 
 func overlayMs(d time.Duration) string { return fmt.Sprintf("%.0f", float64(d.Microseconds())/1000) }
