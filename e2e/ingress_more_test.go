@@ -415,10 +415,12 @@ func ingGRPCCheck(client *http.Client, req *http.Request, msgs []string, more *i
 	return nil
 }
 
-// TestIngressStatus: knit writes the nodes' addresses into
-// status.loadBalancer.ingress of the Ingresses it serves.
+// TestIngressStatus: knit writes every Ready node's address (each node
+// serves the ingress) into status.loadBalancer.ingress of the Ingresses it
+// serves, and clears it when an Ingress leaves knit's class.
 func TestIngressStatus(t *testing.T) {
 	c := cluster(t)
+	ctx := context.Background()
 	ns := namespace(t, c, "ingress-status")
 	ingCreateService(t, c, labEchoService(ns, "st"))
 	ingCreate(t, c, ns, "status", ingRule("status.example", "/", "st", "http"))
@@ -426,23 +428,26 @@ func TestIngressStatus(t *testing.T) {
 	for _, n := range c.Nodes {
 		nodeIPs = append(nodeIPs, n.IP)
 	}
-	var got []string
-	err := eventually(30*time.Second, func() error {
-		ing, err := c.Client.NetworkingV1().Ingresses(ns).Get(context.Background(), "status", metav1.GetOptions{})
+	slices.Sort(nodeIPs)
+	status := func() ([]string, error) {
+		ing, err := c.Client.NetworkingV1().Ingresses(ns).Get(ctx, "status", metav1.GetOptions{})
 		if err != nil {
-			return err
+			return nil, err
 		}
-		got = got[:0]
+		var got []string
 		for _, lb := range ing.Status.LoadBalancer.Ingress {
 			got = append(got, lb.IP)
 		}
-		if len(got) == 0 {
-			return errors.New("status.loadBalancer.ingress is empty")
+		return got, nil
+	}
+	var got []string
+	err := eventually(30*time.Second, func() error {
+		var err error
+		if got, err = status(); err != nil {
+			return err
 		}
-		for _, ip := range got {
-			if !slices.Contains(nodeIPs, ip) {
-				return fmt.Errorf("status address %q is not a node address (%v)", ip, nodeIPs)
-			}
+		if !slices.Equal(got, nodeIPs) {
+			return fmt.Errorf("status.loadBalancer.ingress %v, want every node's address %v", got, nodeIPs)
 		}
 		return nil
 	})
@@ -450,6 +455,29 @@ func TestIngressStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("status.loadBalancer.ingress: %v", got)
+
+	// Another controller's class now: knit's status must not stay behind.
+	ing, err := c.Client.NetworkingV1().Ingresses(ns).Get(ctx, "status", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := "someone-else"
+	ing.Spec.IngressClassName = &other
+	if _, err := c.Client.NetworkingV1().Ingresses(ns).Update(ctx, ing, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	err = eventually(30*time.Second, func() error {
+		if got, err = status(); err != nil {
+			return err
+		}
+		if len(got) != 0 {
+			return fmt.Errorf("status still %v after the Ingress left knit's class", got)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestIngressChurn changes an Ingress 50 times while a load generator runs

@@ -12,6 +12,10 @@
 //	                stop workload -> CNI DEL -> remove netns -> delete the Pod
 //	                object with grace 0 (what the real kubelet's status
 //	                manager does)
+//	every 2 s    -> CNI STATUS of the node's conflist (as containerd does for
+//	                the CRI's NetworkReady) -> the Node's Ready condition:
+//	                False with the plugin's error while the network is not
+//	                ready, as the real kubelet reports it
 //
 // It uses libcni exactly as container runtimes do, so the same code drives
 // knit's plugin and the reference bridge + host-local + portmap plugins.
@@ -132,6 +136,7 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) *Kubelet {
 // a real kubelet restart leaves containers running.
 func (k *Kubelet) Run(ctx context.Context) error {
 	go k.pods.Run(ctx.Done())
+	go k.reportNetworkStatus(ctx)
 	if !cache.WaitForCacheSync(ctx.Done(), k.pods.HasSynced) {
 		return ctx.Err()
 	}
@@ -306,6 +311,73 @@ func (k *Kubelet) confList() (*libcni.NetworkConfigList, error) {
 		return nil, fmt.Errorf("network not ready: no CNI config in %s", k.cfg.CNIConfDir)
 	}
 	return libcni.ConfListFromFile(files[0])
+}
+
+// networkStatusPeriod is how often the network's readiness is checked.
+const networkStatusPeriod = 2 * time.Second
+
+// reportNetworkStatus asks the CNI plugins for their STATUS, as containerd
+// does for the CRI's NetworkReady, and writes the Node's Ready condition
+// when the answer changes: kubelet reports NotReady with "container runtime
+// network not ready: ... Network plugin returns error: <the plugin's
+// message>" (a node whose pool is exhausted, a plugin whose config is not
+// written yet).
+func (k *Kubelet) reportNetworkStatus(ctx context.Context) {
+	last := "unknown"
+	for {
+		msg := ""
+		list, err := k.confList()
+		if err == nil {
+			err = k.cni.GetStatusNetworkList(ctx, list)
+		}
+		if err != nil {
+			msg = "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: " + err.Error()
+		}
+		if msg != last && ctx.Err() == nil {
+			if err := k.setNodeReady(ctx, msg); err != nil {
+				k.log.Warn("writing the Node's Ready condition failed", "err", err)
+			} else {
+				last = msg
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(networkStatusPeriod):
+		}
+	}
+}
+
+// setNodeReady sets the Node's Ready condition: True when notReady is
+// empty, else False with notReady as the message.
+func (k *Kubelet) setNodeReady(ctx context.Context, notReady string) error {
+	cond := corev1.NodeCondition{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
+		Message: "kubelet is posting ready status"}
+	if notReady != "" {
+		cond.Status, cond.Reason, cond.Message = corev1.ConditionFalse, "KubeletNotReady", notReady
+	}
+	return wait.ExponentialBackoffWithContext(ctx, wait.Backoff{Duration: 100 * time.Millisecond, Factor: 2, Steps: 5}, func(ctx context.Context) (bool, error) {
+		node, err := k.client.CoreV1().Nodes().Get(ctx, k.cfg.NodeName, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		now := metav1.Now()
+		cond.LastHeartbeatTime, cond.LastTransitionTime = now, now
+		conds := []corev1.NodeCondition{cond}
+		for _, c := range node.Status.Conditions {
+			switch {
+			case c.Type != corev1.NodeReady:
+				conds = append(conds, c)
+			case c.Status == cond.Status && c.Message == cond.Message:
+				return true, nil // already so
+			case c.Status == cond.Status:
+				conds[0].LastTransitionTime = c.LastTransitionTime
+			}
+		}
+		node.Status.Conditions = conds
+		_, err = k.client.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
+		return err == nil, nil
+	})
 }
 
 func (k *Kubelet) writeResolvConf(netns, namespace string) error {
