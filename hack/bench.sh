@@ -19,6 +19,9 @@ trap 'rm -f "$before" "$after"' EXIT
 # The sandbox has no uplink: build what needs module downloads first.
 echo "== building the lab control plane (cached after the first build)"
 go run ./hack/buildcp
+# The anchors built inside the sandbox (lab/anchors: CoreDNS) need their
+# modules in the cache first.
+(cd lab/anchors/coredns && go mod download)
 
 echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), kernel $(uname -r), $(go version | cut -d' ' -f3)"
 echo "== go test -run '^\$' -bench '${BENCH:-.}' -benchtime 1x -timeout 60m ./bench/..."
