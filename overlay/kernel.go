@@ -75,7 +75,8 @@ func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
 // netlinkKernel is the real kernel: a netlink handle whose sockets were
 // opened in one network namespace and stay bound to it.
 type netlinkKernel struct {
-	h *netlink.Handle
+	h  *netlink.Handle
+	ns *netns.NsHandle // the namespace for subscriptions; nil: the caller's
 }
 
 // newNetlinkKernel opens netlink sockets in the calling thread's network
@@ -95,10 +96,20 @@ func newNetlinkKernelAt(ns netns.NsHandle) (*netlinkKernel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle: %w", err)
 	}
-	return &netlinkKernel{h: h}, nil
+	dup, err := netns.GetFromPath(fmt.Sprintf("/proc/self/fd/%d", int(ns)))
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("netns handle: %w", err)
+	}
+	return &netlinkKernel{h: h, ns: &dup}, nil
 }
 
-func (k *netlinkKernel) Close() { k.h.Close() }
+func (k *netlinkKernel) Close() {
+	k.h.Close()
+	if k.ns != nil {
+		k.ns.Close()
+	}
+}
 
 func (k *netlinkKernel) LinkByName(name string) (netlink.Link, error) {
 	// LinkByName falls back to a link dump on old kernels; retry like one.

@@ -175,6 +175,17 @@ func (o *Overlay) Run(ctx context.Context) error {
 		o.publishLoop(ctx)
 	}()
 	defer func() { <-pubDone }()
+	if w, ok := k.(kernelWatcher); ok {
+		watchDone := make(chan struct{})
+		go func() {
+			defer close(watchDone)
+			w.watch(ctx, func(what string) {
+				o.log.Debug("overlay: kernel entry deleted; syncing", "what", what)
+				o.kick()
+			}, o.log)
+		}()
+		defer func() { <-watchDone }()
+	}
 
 	timer := time.NewTimer(0)
 	defer timer.Stop()
