@@ -6,6 +6,8 @@
 // Data flow (one way, level-triggered):
 //
 //	Node informer --(handler: drop heartbeat-only updates)--> trigger (coalesced)
+//	rtnetlink: one of knit's routes/neighbours/FDB entries/devices deleted --^
+//	    (watch.go: someone else's deletion is repaired at once, not at the timer)
 //	    --> sync loop (at most every 100 ms, full resync every SyncPeriod,
 //	        backoff after a failure):
 //	          localNode (own podCIDRs, node IP -> underlay link, MTU)
