@@ -6,9 +6,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
-	"slices"
 	"testing"
 	"time"
 
@@ -213,8 +213,12 @@ func fakeNode(name string, ready bool, addrs ...corev1.NodeAddress) *corev1.Node
 // InternalIP), follows nodes becoming Ready, and is cleared from an
 // Ingress that leaves knit's class.
 func TestStatusFollowsNodes(t *testing.T) {
-	internal := func(ip string) corev1.NodeAddress { return corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip} }
-	external := func(ip string) corev1.NodeAddress { return corev1.NodeAddress{Type: corev1.NodeExternalIP, Address: ip} }
+	internal := func(ip string) corev1.NodeAddress {
+		return corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip}
+	}
+	external := func(ip string) corev1.NodeAddress {
+		return corev1.NodeAddress{Type: corev1.NodeExternalIP, Address: ip}
+	}
 	ing := newIngress("site", 0, rule("site.com", path("/", prefix, "web")))
 	fc := startFakeCluster(t, Config{NodeName: "n1", NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")}},
 		knitClass(false), ing, fakeService("web", 80),
