@@ -6,14 +6,17 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os/exec"
+	"slices"
 	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"knit.dev/knit/lab/echo"
 )
@@ -79,17 +82,27 @@ func Demo(ctx context.Context, w io.Writer, log *slog.Logger) error {
 		fmt.Fprintf(w, "   -> %-15s answered by %-12s on %-6s (saw client %s)\n", p.Status.PodIP, r.Pod, r.Node, r.Client)
 	}
 
-	fmt.Fprintln(w, "== through the Service ClusterIP, 6 new connections")
+	// The pods are Ready; their endpoints reach the EndpointSlice (the
+	// controller manager) and the proxies (knit's sync loop) a moment later.
+	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+		ips, err := c.ReadyEndpointIPs(ctx, ns, "echo")
+		return err == nil && len(ips) == len(pods), nil
+	})
+	if err != nil {
+		return fmt.Errorf("service echo never had %d ready endpoints", len(pods))
+	}
+	time.Sleep(500 * time.Millisecond) // knit's proxy: at most one sync interval behind
+	fmt.Fprintln(w, "== through the Service ClusterIP, 12 new connections, spread over the endpoints")
 	seen := map[string]int{}
-	for range 6 {
+	for range 12 {
 		r, err := getEcho(ctx, hc, svc.Spec.ClusterIP+":80")
 		if err != nil {
 			return fmt.Errorf("pod -> Service %s: %w", svc.Spec.ClusterIP, err)
 		}
 		seen[r.Pod+" on "+r.Node]++
 	}
-	for k, v := range seen {
-		fmt.Fprintf(w, "   %d x %s\n", v, k)
+	for _, k := range slices.Sorted(maps.Keys(seen)) {
+		fmt.Fprintf(w, "   %d x %s\n", seen[k], k)
 	}
 
 	fmt.Fprintln(w, "== by name, with the pod's resolv.conf (search path, ndots:5)")
