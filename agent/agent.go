@@ -176,9 +176,18 @@ func (a *Agent) healthMux() *http.ServeMux {
 		if len(notReady) > 0 {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			fmt.Fprintf(w, "not ready: %s\n", strings.Join(notReady, ", "))
-			return
+		} else {
+			fmt.Fprintln(w, "ok")
 		}
-		fmt.Fprintln(w, "ok")
+		// Warnings do not make the agent unready, but an operator
+		// checking readiness should see them.
+		for _, c := range a.comps {
+			if wc, ok := c.(interface{ Warnings() []string }); ok {
+				for _, warning := range wc.Warnings() {
+					fmt.Fprintf(w, "warning: %s: %s\n", c.Name(), warning)
+				}
+			}
+		}
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{Registry: a.reg}))
 	return mux

@@ -47,7 +47,7 @@ func agentCommand() *cli.Command {
 			&cli.IntFlag{Name: "vxlan-vni", Value: 1},
 			&cli.IntFlag{Name: "vxlan-port", Value: 8472},
 			&cli.BoolFlag{Name: "masquerade", Value: true, Usage: "masquerade pod traffic leaving the cluster CIDR"},
-			&cli.StringFlag{Name: "proxy-backend", Value: "auto", Usage: "nftables, iptables or auto"},
+			&cli.StringFlag{Name: "proxy-backend", Value: "auto", Usage: "nftables, iptables (iptables-legacy, iptables-nft to force the variant) or auto (nftables if usable, else iptables)"},
 			&cli.StringFlag{Name: "dns-upstream", Usage: "upstream resolvers (comma-separated host:port); default: the node's resolv.conf"},
 			&cli.StringFlag{Name: "dns-resolv-conf", Value: "/etc/resolv.conf", Usage: "resolv.conf to take upstreams from"},
 			&cli.StringFlag{Name: "ingress-http-addr", Value: ":80"},

@@ -5,7 +5,9 @@
 // One lab cluster is shared by the tests of a run and made on first use.
 // Tests create their own namespaces so that they do not see each other's
 // objects. KNIT_SKIP_E2E=1 skips them all; KNIT_LAB_CNI=reference runs them
-// on the reference bridge + host-local plugins instead of knit's own.
+// on the reference bridge + host-local plugins instead of knit's own;
+// KNIT_LAB_PROXY_BACKEND=iptables (or iptables-legacy, iptables-nft,
+// nftables) passes --proxy-backend to every agent.
 package e2e
 
 import (
@@ -43,7 +45,11 @@ func cluster(t *testing.T) *lab.Cluster {
 		// The cluster outlives this call: its processes are bound to ctx.
 		ctx := context.Background()
 		start := time.Now()
-		labCluster, labErr = lab.Up(ctx, lab.Options{Nodes: 3, CNI: os.Getenv("KNIT_LAB_CNI"), Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+		var agentArgs []string
+		if b := os.Getenv("KNIT_LAB_PROXY_BACKEND"); b != "" {
+			agentArgs = []string{"--proxy-backend", b}
+		}
+		labCluster, labErr = lab.Up(ctx, lab.Options{Nodes: 3, CNI: os.Getenv("KNIT_LAB_CNI"), AgentArgs: agentArgs, Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 		if labErr == nil {
 			t.Logf("lab up in %v", time.Since(start).Round(100*time.Millisecond))
 		}

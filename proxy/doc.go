@@ -90,4 +90,15 @@
 // Chain and set names are readable: "service-v4-default/web/tcp/http"; an
 // unnamed port is "_". They are hashed only if longer than nft allows, which
 // Kubernetes' own name limits rule out.
+//
+// # The iptables backend
+//
+// For kernels without nftables (--proxy-backend=iptables, or auto when nft
+// does not work) the same state is rendered as kube-proxy's iptables mode
+// renders it, in chains prefixed KNIT- (flow in iptables_render.go), and
+// applied with one iptables-restore --noflush batch per family and sync
+// (iptables.go). The variant, iptables-legacy or iptables-nft, is the one
+// the node already uses; a node where both hold rules is reported
+// (iptables_detect.go). A lookup costs one rule per Service port there, as
+// with kube-proxy: the backend exists for compatibility, not for scale.
 package proxy

@@ -29,6 +29,9 @@ const (
 	BackendAuto     = "auto"
 	BackendNFTables = "nftables"
 	BackendIPTables = "iptables"
+	// The iptables backend with the variant forced (see iptables_detect.go).
+	BackendIPTablesLegacy = "iptables-legacy"
+	BackendIPTablesNFT    = "iptables-nft"
 )
 
 // Config holds the proxy's settings. Zero values take the defaults of
@@ -61,8 +64,9 @@ type Config struct {
 	// SyncPeriod is the full resync period: the whole table is re-rendered
 	// and replaced, repairing any drift. Default 10m.
 	SyncPeriod time.Duration
-	// Backend is "nftables", "iptables" or "auto" (default: nftables when
-	// the nft binary and kernel support work).
+	// Backend is "nftables", "iptables" (or "iptables-legacy",
+	// "iptables-nft" to force the variant) or "auto" (default: nftables
+	// when the nft binary and kernel support work, else iptables).
 	Backend string
 	// MasqueradeMark is the packet mark bit that asks for masquerading in
 	// postrouting; one bit. Default 0x4000 (kube-proxy's).
@@ -104,9 +108,9 @@ func (c *Config) defaults() error {
 		return fmt.Errorf("masquerade mark %#x must be a single bit", c.MasqueradeMark)
 	}
 	switch c.Backend {
-	case BackendAuto, BackendNFTables, BackendIPTables:
+	case BackendAuto, BackendNFTables, BackendIPTables, BackendIPTablesLegacy, BackendIPTablesNFT:
 	default:
-		return fmt.Errorf("unknown backend %q (want nftables, iptables or auto)", c.Backend)
+		return fmt.Errorf("unknown backend %q (want nftables, iptables, iptables-legacy, iptables-nft or auto)", c.Backend)
 	}
 	return nil
 }
@@ -139,12 +143,15 @@ type Proxier struct {
 	// Owned by the sync goroutine.
 	st          state
 	backend     *nftBackend
+	ipt         *iptBackend // when the iptables backend is in use (backend is then idle)
 	ct          conntracker
 	hc          *healthServers
 	triggers    []time.Time
 	ctBefore    map[types.NamespacedName]*serviceInfo
 	ctChanged   map[types.NamespacedName]bool
 	appliedOnce bool
+	// leftovers removes another backend's rules after the first sync.
+	leftovers func(context.Context)
 }
 
 // nodeView is what the proxy reads from its own Node object.
@@ -171,6 +178,7 @@ func newNFT() (nft, lister knftables.Interface, err error) {
 type deps struct {
 	nft    knftables.Interface
 	lister knftables.Interface
+	ipt    *iptBackend // instead of nft
 	ct     conntracker
 	listen func(network, addr string) (net.Listener, error)
 }
@@ -182,19 +190,35 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	var d deps
+	var err error
 	switch cfg.Backend {
-	case BackendIPTables:
-		return nil, errors.New("proxy: the iptables backend is not implemented yet; use nftables")
 	case BackendNFTables, BackendAuto:
-		var err error
-		if d.nft, d.lister, err = newNFT(); err != nil {
-			return nil, fmt.Errorf("proxy: nftables not usable (the iptables backend is not implemented yet): %w", err)
+		if d.nft, d.lister, err = newNFT(); err != nil && cfg.Backend == BackendNFTables {
+			return nil, fmt.Errorf("proxy: nftables not usable: %w", err)
+		}
+		if err != nil {
+			log.Info("nftables not usable, trying iptables", "err", err)
+			if d.ipt, err = newIPTables(BackendIPTables, log); err != nil {
+				return nil, fmt.Errorf("proxy: neither nftables nor iptables is usable: %w", err)
+			}
+		}
+	default:
+		if d.ipt, err = newIPTables(cfg.Backend, log); err != nil {
+			return nil, fmt.Errorf("proxy: %w", err)
 		}
 	}
 	d.ct = netlinkConntrack{}
 	d.listen = net.Listen
-	return newProxier(cfg, src, reg, log, d)
+	p, err := newProxier(cfg, src, reg, log, d)
+	if err != nil {
+		return nil, err
+	}
+	p.leftovers = p.removeOtherBackend
+	return p, nil
 }
 
 func newProxier(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger, d deps) (*Proxier, error) {
@@ -228,6 +252,9 @@ func newProxier(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Lo
 		ctChanged: map[types.NamespacedName]bool{},
 	}
 	p.backend.lister = d.lister
+	if err := p.initBackend(d.ipt, reg); err != nil {
+		return nil, err
+	}
 	p.hc = newHealthServers(log, cfg.HealthCheckBindAddress, p.ready.Load)
 	if d.listen != nil {
 		p.hc.listen = d.listen
@@ -378,7 +405,11 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 	}
 	p.st.topo, p.st.static = p.view()
 
-	res, err := p.backend.sync(ctx, &p.st, changed, full)
+	sync := p.backend.sync
+	if p.ipt != nil {
+		sync = p.ipt.sync
+	}
+	res, err := sync(ctx, &p.st, changed, full)
 	elapsed := time.Since(start)
 	p.m.syncDuration.WithLabelValues(kind).Observe(elapsed.Seconds())
 	if err != nil {
@@ -386,6 +417,9 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 		p.needFull.Store(true)
 		p.log.Error("sync failed; the next sync is a full one", "kind", kind, "err", err)
 		return 0, err
+	}
+	if !p.appliedOnce && p.leftovers != nil {
+		p.leftovers(ctx)
 	}
 	p.appliedOnce = true
 	now := time.Now()

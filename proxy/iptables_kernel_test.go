@@ -1,0 +1,361 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+
+	"knit.dev/knit/lab/sandbox"
+)
+
+// realIPT opens the real iptables of one variant in the sandbox, as the
+// agent would with --proxy-backend=iptables-<variant>, and removes knit's
+// rules when the test ends (so that the next test starts clean).
+func realIPT(t *testing.T, variant string) *iptBackend {
+	t.Helper()
+	sandbox.Require(t)
+	if _, err := exec.LookPath("iptables-" + variant + "-restore"); err != nil {
+		t.Skipf("iptables-%s not installed", variant)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	b, err := newIPTables(BackendIPTables+"-"+variant, log)
+	if err != nil {
+		t.Fatalf("iptables-%s: %v", variant, err)
+	}
+	removeAll := func() {
+		for f, x := range b.fam {
+			if err := x.(*iptExec).removeAll(context.Background()); err != nil {
+				t.Errorf("removing knit's %s rules: %v", f, err)
+			}
+		}
+	}
+	removeAll() // leftovers of an earlier, failed test
+	t.Cleanup(removeAll)
+	return b
+}
+
+// iptSaveText is the variant's iptables-save output (family f).
+func iptSaveText(t *testing.T, b *iptBackend, f family) string {
+	t.Helper()
+	out, err := exec.Command(b.detect.cmds[f].save).Output()
+	if err != nil {
+		t.Fatalf("%s: %v", b.detect.cmds[f].save, err)
+	}
+	return string(out)
+}
+
+// TestIPTablesKernelLoads runs the real sync against the real
+// iptables-restore of each variant in the sandbox: every Service shape must
+// load in both families, partial syncs must apply, removed Services' chains
+// must go, and a restarted proxier must replace the rules in place.
+func TestIPTablesKernelLoads(t *testing.T) {
+	for _, variant := range []string{iptLegacy, iptNFT} {
+		t.Run(variant, func(t *testing.T) {
+			b := realIPT(t, variant)
+			if b.fam[v6] == nil {
+				t.Error("ip6tables not usable in the sandbox")
+			}
+			h := newHarness(t, testConfig(), nil, allShapes()...)
+			h.p.ipt = b
+			h.sync()
+			save := iptSaveText(t, b, v4)
+			for _, want := range []string{
+				":KNIT-SERVICES",
+				"-A PREROUTING -m comment --comment \"knit service portals\" -j KNIT-SERVICES",
+				"-A KNIT-POSTROUTING -j MARK --set-xmark 0x4000/0x0", // --xor-mark, as saved
+				"-m recent --rcheck --seconds 600 --reap --name KNIT-SEP-",
+				"-m statistic --mode random --probability 0.50000000000",
+				"--to-destination 10.42.1.5:8080",
+			} {
+				if !strings.Contains(save, want) {
+					t.Errorf("iptables-save lacks %q", want)
+				}
+			}
+			if save6 := iptSaveText(t, b, v6); !strings.Contains(save6, "--to-destination [fd42::2:9]:8080") {
+				t.Errorf("ip6tables-save lacks the dual-stack Service's IPv6 endpoint:\n%s", save6)
+			}
+			if testing.Verbose() {
+				t.Logf("iptables-save after the first full sync:\n%s", save)
+			}
+
+			// Partial syncs: add, change, delete.
+			h.addService(service("ns2", "new", "10.43.1.1", withNodePort(31001)))
+			h.addSlice(slice("ns2", "new", "new-1", 8080, eps(3, "10.42.5", otherNode)))
+			h.sync()
+			h.updateSlice(slice("ns1", "sticky", "sticky-1", 8080, []ep{{ip: "10.42.2.15", node: otherNode}}))
+			h.sync()
+			h.updateService(service("ns1", "sticky", "10.43.0.30", withAffinity(30), withITPLocal))
+			h.updateSlice(slice("ns1", "sticky", "sticky-1", 8080, []ep{{ip: "10.42.2.15", node: otherNode}, {ip: "10.42.1.15", node: thisNode}}))
+			h.sync()
+			h.deleteService("ns1", "web")
+			h.deleteService("ns1", "dual")
+			h.sync()
+			save = iptSaveText(t, b, v4)
+			if !strings.Contains(save, "-A KNIT-SERVICES -d 10.43.1.1/32 -p tcp") || !strings.Contains(save, "--to-destination 10.42.5.3:8080") {
+				t.Errorf("new Service not programmed:\n%s", save)
+			}
+			if strings.Contains(save, "10.42.1.5:8080") || strings.Contains(save, "10.43.0.20/32") {
+				t.Errorf("deleted Service still programmed:\n%s", save)
+			}
+			if !strings.Contains(save, "--seconds 30 ") {
+				t.Errorf("affinity timeout not updated:\n%s", save)
+			}
+			if save6 := iptSaveText(t, b, v6); strings.Contains(save6, "fd42::2:9") {
+				t.Errorf("deleted dual-stack Service still in ip6tables:\n%s", save6)
+			}
+
+			// A restarted knit: a new proxier, same tables, full sync in place;
+			// the chains of ns2/new (unknown to it) go.
+			h2 := newHarness(t, testConfig(), nil, allShapes()...)
+			h2.p.ipt = newIPTBackend(b.fam, b.log)
+			h2.sync()
+			save = iptSaveText(t, b, v4)
+			if strings.Contains(save, "10.42.5.") || !strings.Contains(save, "10.42.1.5:8080") {
+				t.Errorf("restart did not converge the rules:\n%s", save)
+			}
+			if n := strings.Count(save, "-j KNIT-POSTROUTING"); n != 1 {
+				t.Errorf("%d jumps to KNIT-POSTROUTING after a restart, want 1", n)
+			}
+			// A second full sync on unchanged rules succeeds and changes nothing.
+			h2.p.needFull.Store(true)
+			h2.sync()
+			if again := iptSaveText(t, b, v4); stripCounters(again) != stripCounters(save) {
+				t.Errorf("a second full sync changed the rules:\n%s", lineDiff(stripCounters(save), stripCounters(again)))
+			}
+		})
+	}
+}
+
+// stripCounters drops iptables-save's comment lines (with timestamps) and
+// counters, so that two listings compare.
+func stripCounters(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "#") {
+			continue
+		}
+		if strings.HasPrefix(l, ":") {
+			l = strings.Fields(l)[0]
+		}
+		out = append(out, l)
+	}
+	return strings.Join(out, "\n")
+}
+
+// TestIPTablesKernelDataPath sends real TCP and UDP through the rules of
+// each variant in the sandbox: pods in network namespaces of their own
+// joined by veths to the sandbox's namespace, which plays the node, and an
+// outside client on a network of its own.
+//
+//	client 10.42.1.2  ──veth── node (10.42.1.1 | 10.42.2.1 | 203.0.113.1) ──veth── servers 10.42.2.2, 10.42.2.3 :8080
+//	outside 203.0.113.2 ──veth──┘
+func TestIPTablesKernelDataPath(t *testing.T) {
+	sandbox.Require(t)
+	if _, err := exec.LookPath("iptables-restore"); err != nil {
+		t.Skip("iptables not installed")
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+		t.Fatalf("ip_forward (sandbox netns): %v", err)
+	}
+	client := podNS(t, "ic", "10.42.1.1/24", "10.42.1.2/24")
+	server := podNS(t, "is", "10.42.2.1/24", "10.42.2.2/24")
+	outside := podNS(t, "ix", "203.0.113.1/24", "203.0.113.2/24")
+	def := &netlink.Route{Gw: net.ParseIP("10.42.2.2")}
+	must(t, netlink.RouteReplace(def))
+	t.Cleanup(func() { _ = netlink.RouteDel(def) })
+	nh, err := netlink.NewHandleAt(server)
+	must(t, err)
+	defer nh.Close()
+	in, err := nh.LinkByName("isp")
+	must(t, err)
+	a3, _ := netlink.ParseAddr("10.42.2.3/24")
+	must(t, nh.AddrAdd(in, a3))
+
+	// Each server answers "<its address> <the client address it sees>".
+	for _, ip := range []string{"10.42.2.2", "10.42.2.3"} {
+		ln := inNS(t, server, func() (net.Listener, error) { return net.Listen("tcp", ip+":8080") })
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				_, _ = c.Write([]byte(ip + " " + c.RemoteAddr().(*net.TCPAddr).IP.String() + "\n"))
+				c.Close()
+			}
+		}()
+		pc := inNS(t, server, func() (net.PacketConn, error) { return net.ListenPacket("udp", ip+":5353") })
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			buf := make([]byte, 64)
+			for {
+				_, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				_, _ = pc.WriteTo([]byte(ip), from)
+			}
+		}()
+	}
+
+	local := func(ip string) ep { return ep{ip: ip, node: thisNode} }
+	remote := func(ip string) ep { return ep{ip: ip, node: otherNode} }
+	withRanges := func(r ...string) svcOpt { return func(s *corev1.Service) { s.Spec.LoadBalancerSourceRanges = r } }
+	objs := []runtime.Object{
+		service("ns1", "web", "10.43.0.20", withNodePort(30080)),
+		slice("ns1", "web", "web-1", 8080, []ep{remote("10.42.2.2")}),
+		service("ns1", "empty", "10.43.0.21", withNodePort(30081)),
+		service("ns1", "local", "10.43.0.22", withNodePort(30082), withETPLocal),
+		slice("ns1", "local", "local-1", 8080, []ep{local("10.42.2.2")}),
+		service("ns1", "elsewhere", "10.43.0.23", withNodePort(30083), withETPLocal),
+		slice("ns1", "elsewhere", "elsewhere-1", 8080, []ep{remote("10.42.2.3")}),
+		service("ns1", "sticky", "10.43.0.24", withAffinity(60)),
+		slice("ns1", "sticky", "sticky-1", 8080, []ep{remote("10.42.2.2"), remote("10.42.2.3")}),
+		service("ns1", "fw", "10.43.0.25", withLoadBalancer(30085, 0, "192.0.2.25"), withRanges("198.51.100.0/24")),
+		slice("ns1", "fw", "fw-1", 8080, []ep{remote("10.42.2.2")}),
+		service("ns1", "fwok", "10.43.0.26", withLoadBalancer(30086, 0, "192.0.2.26"), withRanges("203.0.113.0/24")),
+		slice("ns1", "fwok", "fwok-1", 8080, []ep{remote("10.42.2.2")}),
+		service("ns1", "ext", "10.43.0.27", withExternalIPs("192.0.2.27")),
+		slice("ns1", "ext", "ext-1", 8080, []ep{remote("10.42.2.3")}),
+	}
+
+	for _, variant := range []string{iptLegacy, iptNFT} {
+		t.Run(variant, func(t *testing.T) {
+			b := realIPT(t, variant)
+			h := newHarness(t, testConfig(), nil, objs...)
+			h.p.ipt = b
+			h.p.ct = netlinkConntrack{}
+			h.sync()
+
+			dial := func(ns netns.NsHandle, addr string, timeout time.Duration) (string, error) {
+				c, err := inNSErr(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, timeout) })
+				if err != nil {
+					return "", err
+				}
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+				line, err := bufio.NewReader(c).ReadString('\n')
+				return strings.TrimSpace(line), err
+			}
+			tests := []struct {
+				name string
+				from netns.NsHandle
+				addr string
+				// want is "<server> <client seen>"; "refused" or
+				// "timeout" for connections that must fail so.
+				want string
+			}{
+				{"ClusterIP from a pod keeps the client address", client, "10.43.0.20:80", "10.42.2.2 10.42.1.2"},
+				{"NodePort is masqueraded (policy Cluster)", client, "10.42.1.1:30080", "10.42.2.2 10.42.2.1"},
+				{"NodePort from outside is masqueraded", outside, "203.0.113.1:30080", "10.42.2.2 10.42.2.1"},
+				{"ClusterIP from outside the cluster CIDR is masqueraded", outside, "10.43.0.20:80", "10.42.2.2 10.42.2.1"},
+				{"no endpoints: refused at once", client, "10.43.0.21:80", "refused"},
+				{"no endpoints, NodePort: refused at once", outside, "203.0.113.1:30081", "refused"},
+				{"undefined port of a ClusterIP: refused", client, "10.43.0.20:81", "refused"},
+				{"unallocated ClusterIP: dropped", client, "10.43.9.9:80", "timeout"},
+				{"ETP Local from outside keeps the client address", outside, "203.0.113.1:30082", "10.42.2.2 203.0.113.2"},
+				{"ETP Local, no local endpoint: dropped for outside clients", outside, "203.0.113.1:30083", "timeout"},
+				{"ETP Local, no local endpoint: pods short-circuit to the cluster endpoints", client, "10.42.1.1:30083", "10.42.2.3 10.42.1.2"},
+				{"hairpin: a pod reaching itself through its Service is masqueraded", server, "10.43.0.20:80", "10.42.2.2 10.42.2.1"},
+				{"loadBalancerSourceRanges: other sources dropped", outside, "192.0.2.25:80", "timeout"},
+				{"loadBalancerSourceRanges: allowed source passes", outside, "192.0.2.26:80", "10.42.2.2 10.42.2.1"},
+				{"ExternalIP", outside, "192.0.2.27:80", "10.42.2.3 10.42.2.1"},
+			}
+			for _, tc := range tests {
+				t.Run(tc.name, func(t *testing.T) {
+					timeout := 3 * time.Second
+					if tc.want == "timeout" {
+						timeout = time.Second
+					}
+					start := time.Now()
+					got, err := dial(tc.from, tc.addr, timeout)
+					switch {
+					case tc.want == "refused":
+						if !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) > time.Second {
+							t.Errorf("%s: %q, %v after %v; want connection refused at once", tc.addr, got, err, time.Since(start))
+						}
+					case tc.want == "timeout":
+						var ne net.Error
+						if !errors.As(err, &ne) || !ne.Timeout() {
+							t.Errorf("%s: %q, %v; want a timeout (dropped)", tc.addr, got, err)
+						}
+					case err != nil || got != tc.want:
+						t.Errorf("%s: got %q, %v; want %q", tc.addr, got, err, tc.want)
+					}
+				})
+			}
+
+			t.Run("session affinity sticks", func(t *testing.T) {
+				first, err := dial(client, "10.43.0.24:80", 3*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for range 10 {
+					if got, err := dial(client, "10.43.0.24:80", 3*time.Second); err != nil || got != first {
+						t.Fatalf("affinity broken: first %q, then %q, %v", first, got, err)
+					}
+				}
+			})
+
+			t.Run("endpoints appear: the Service answers", func(t *testing.T) {
+				h.addSlice(slice("ns1", "empty", "empty-1", 8080, []ep{remote("10.42.2.2")}))
+				h.sync()
+				if got, err := dial(client, "10.43.0.21:80", 3*time.Second); err != nil || got != "10.42.2.2 10.42.1.2" {
+					t.Errorf("after endpoints appeared: %q, %v", got, err)
+				}
+			})
+
+			t.Run("UDP moves off a removed endpoint", func(t *testing.T) {
+				udpSlice := func(ips ...string) *discoveryv1.EndpointSlice {
+					var list []ep
+					for _, ip := range ips {
+						list = append(list, remote(ip))
+					}
+					return slice("ns1", "dns", "dns-1", 5353, list,
+						withSlicePorts(discoveryv1.EndpointPort{Name: ptr("dns"), Port: ptr(int32(5353)), Protocol: ptr(corev1.ProtocolUDP)}))
+				}
+				h.addService(service("ns1", "dns", "10.43.0.30", withPorts(corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP})))
+				h.addSlice(udpSlice("10.42.2.2", "10.42.2.3"))
+				h.sync()
+				uc := inNS(t, client, func() (net.Conn, error) { return net.Dial("udp", "10.43.0.30:53") })
+				defer uc.Close()
+				ask := func() string {
+					buf := make([]byte, 64)
+					for range 5 {
+						_, _ = uc.Write([]byte("q"))
+						_ = uc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+						if n, err := uc.Read(buf); err == nil {
+							return string(buf[:n])
+						}
+					}
+					return ""
+				}
+				first := ask()
+				if first == "" {
+					t.Fatal("UDP Service does not answer")
+				}
+				other := map[string]string{"10.42.2.2": "10.42.2.3", "10.42.2.3": "10.42.2.2"}[first]
+				h.updateSlice(udpSlice(other))
+				h.sync()
+				if got := ask(); got != other {
+					t.Errorf("after %s left the Service, the flow still goes to %q; want %s", first, got, other)
+				}
+			})
+		})
+	}
+}
