@@ -40,6 +40,10 @@
 //	    @service-ips-vX      {ip . proto . port : goto <chain>}
 //	    @service-nodeports-vX (local, non-loopback daddr) {proto . port : goto external-…}
 //	        │
+//	        ├─► pick-vX-proto-N                 a port reached only by its ClusterIP,
+//	        │       without affinity (most Services): shared by all such ports
+//	        │       with N endpoints; DNAT to @endpoints-vX
+//	        │       {ClusterIP . proto . port . numgen random mod N : endpoint}
 //	        ├─► service-vX-ns/name/proto/port   policy Cluster: random endpoint → DNAT
 //	        ├─► local-vX-ns/name/proto/port     policy Local: local endpoints only
 //	        └─► external-vX-ns/name/proto/port  ExternalIPs, LoadBalancer IPs, NodePorts:
@@ -49,11 +53,23 @@
 //	          with sessionAffinity ClientIP: ip saddr @affinity-… → endpoint-…
 //	          chain, which refreshes the client in the set (timeout) and DNATs.
 //
-// A policy chain picks its endpoint with one rule per endpoint, rule i
-// matching with probability 1/(n-i) (uniform), up to 32 endpoints, and with
-// one lookup in a map of its own ("…/endpoints") above. Never with an
-// anonymous map per Service or one map for all: those make the kernel's
-// cost of a 10,000-Service transaction quadratic (see policyChain).
+// Most Services get no chain at all: a ClusterIP-only port without
+// affinity is a service-ips element and its endpoints' elements in one
+// shared map, chosen from by a pick chain shared by every such port with as
+// many endpoints (see renderer.pick). Adding such a Service is a handful of
+// elements, and the table has a few dozen chains however many Services
+// there are, which is what keeps a change fast: nft loads every chain of
+// the table before it applies a transaction, and the kernel re-checks the
+// chains reachable from what changed.
+//
+// The other ports (NodePort, external and LoadBalancer IPs, affinity) have
+// chains of their own. A policy chain picks its endpoint with one rule per
+// endpoint, rule i matching with probability 1/(n-i) (uniform), up to 32
+// endpoints, and with one lookup in a map of its own ("…/endpoints") above.
+// Never with an anonymous map per Service, nor one map used by a rule per
+// Service: those make the kernel's cost of a 10,000-Service transaction
+// quadratic (see policyChain; the shared endpoints map is used by one rule
+// per pick chain).
 //
 // A full sync is two transactions: the first only creates missing objects
 // (empty chains, sets and maps: harmless), so that the second, which
@@ -86,6 +102,10 @@
 // endpoints on this node only. Headless and ExternalName Services get no
 // rules. Services whose ClusterIP is in Config.LocalServiceIPs (the cluster
 // DNS, answered by knit on every node) get no rules for that ClusterIP.
+//
+// A new Service whose EndpointSlice has not arrived yet waits for it up to
+// Config.NewServiceHoldOff before it is synced, so that a Service and its
+// slice cost one sync, not two; changes to existing Services never wait.
 //
 // Chain and set names are readable: "service-v4-default/web/tcp/http"; an
 // unnamed port is "_". They are hashed only if longer than nft allows, which

@@ -38,6 +38,9 @@ func testConfig() Config {
 		ServiceCIDRs:    []netip.Prefix{netip.MustParsePrefix("10.43.0.0/16"), netip.MustParsePrefix("fd43::/112")},
 		LocalServiceIPs: []netip.Addr{netip.MustParseAddr("10.43.0.10")},
 		MinSyncPeriod:   time.Millisecond,
+		// Harness tests drive syncs themselves; TestNewServiceHoldOff
+		// tests the wait.
+		NewServiceHoldOff: time.Millisecond,
 	}
 }
 

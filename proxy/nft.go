@@ -59,6 +59,14 @@ type nftBackend struct {
 	applied map[string]element // element id -> element in the kernel
 	// stale: service chains flushed and waiting to be deleted.
 	stale map[string]time.Time
+	// pickUsers counts the Service ports using each shared pick chain; a
+	// chain is in the kernel while its count is above zero.
+	pickUsers map[string]int
+	// Kept up to date so that a partial sync's metrics cost nothing per
+	// Service: elements in the kernel per map or set, rules and
+	// no-local-endpoint ports of all renders.
+	counts          map[string]int
+	svcRules, noLoc int
 	// resetBaseChains: the first full sync of a process deletes and
 	// re-creates the base chains in its transaction so that a new version
 	// may change their hook or priority.
@@ -80,6 +88,8 @@ func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
 		claims:          map[string][]claim{},
 		applied:         map[string]element{},
 		stale:           map[string]time.Time{},
+		pickUsers:       map[string]int{},
+		counts:          map[string]int{},
 		resetBaseChains: true,
 	}
 }
@@ -159,6 +169,17 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 			claims[id] = append(claims[id], claim{svc: name, el: el})
 		}
 	}
+	picks := map[string]chain{}
+	pickUsers := map[string]int{}
+	for _, name := range names {
+		for _, pc := range renders[name].picks {
+			if _, ok := picks[pc.name()]; !ok {
+				picks[pc.name()] = pc.chain()
+			}
+			pickUsers[pc.name()]++
+		}
+	}
+	pickNames := slices.Sorted(maps.Keys(picks))
 	sets, maps := staticSets()
 	static, staticElems := staticChains(st.static)
 
@@ -179,6 +200,10 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		tx.Add(&knftables.Chain{Name: c.name})
 	}
 	desired := map[string]bool{}
+	for _, pn := range pickNames {
+		tx.Add(&knftables.Chain{Name: pn})
+		desired[pn] = true
+	}
 	for _, name := range names {
 		rd := renders[name]
 		for i := range rd.sets {
@@ -223,10 +248,11 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 	for _, c := range static {
 		tx.Flush(&knftables.Chain{Name: c.name})
 	}
-	res := syncResult{elementsBy: map[string]int{}}
+	for _, pn := range pickNames {
+		tx.Flush(&knftables.Chain{Name: pn})
+	}
 	for _, name := range names {
 		rd := renders[name]
-		res.noLocal += rd.noLocal
 		for _, c := range rd.chains {
 			tx.Flush(&knftables.Chain{Name: c.name})
 		}
@@ -238,26 +264,29 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 	// staleChainDelay); leftover sets and maps go once nothing refers to
 	// them, at the end of this transaction.
 	for _, c := range existing["chain"] {
-		if isServiceObject(c) && !desired[c] {
+		if (isServiceObject(c) || isPickChain(c)) && !desired[c] {
 			tx.Flush(&knftables.Chain{Name: c})
 			if _, ok := b.stale[c]; !ok {
 				b.stale[c] = now
 			}
 		}
 	}
+	staticRules := 0
 	for _, bc := range baseChains {
 		for _, rl := range bc.rules {
 			tx.Add(&knftables.Rule{Chain: bc.name, Rule: rl})
-			res.rules++
+			staticRules++
 		}
 	}
 	for _, c := range static {
-		res.rules += addRules(tx, c)
+		staticRules += addRules(tx, c)
 	}
-	b.staticRules = res.rules
+	for _, pn := range pickNames {
+		addRules(tx, picks[pn])
+	}
 	for _, name := range names {
 		for _, c := range renders[name].chains {
-			res.rules += addRules(tx, c)
+			addRules(tx, c)
 		}
 	}
 	applied := make(map[string]element, len(claims)+len(staticElems))
@@ -295,8 +324,18 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		delete(b.stale, c)
 	}
 	b.resetBaseChains = false
+	b.staticRules = staticRules
 	b.renders, b.claims, b.applied, b.staticElems = renders, claims, applied, staticElems
-	return b.result(res), nil
+	b.pickUsers = pickUsers
+	clear(b.counts)
+	for _, el := range applied {
+		b.counts[el.container]++
+	}
+	b.svcRules, b.noLoc = 0, 0
+	for _, rd := range renders {
+		b.addRenderCounts(rd, 1)
+	}
+	return b.result(), nil
 }
 
 func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, changed map[types.NamespacedName]bool, now time.Time) (syncResult, error) {
@@ -306,7 +345,8 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	var flushed, deletedSets []string
 	deletedMaps := map[string]bool{}
 	var rewrite []chain
-	res := syncResult{elementsBy: map[string]int{}}
+	pickDelta := map[string]int{}
+	pickChains := map[string]chain{}
 	for name := range changed {
 		old := b.renders[name]
 		var rd *svcRender
@@ -314,6 +354,17 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 			rd = r.renderService(name, info, st.endpoints[name])
 		}
 		newRenders[name] = rd
+		if old != nil {
+			for _, pc := range old.picks {
+				pickDelta[pc.name()]--
+			}
+		}
+		if rd != nil {
+			for _, pc := range rd.picks {
+				pickDelta[pc.name()]++
+				pickChains[pc.name()] = pc.chain()
+			}
+		}
 		oldChains := map[string][]rule{}
 		oldSets := map[string]time.Duration{}
 		oldMaps := map[string]bool{}
@@ -387,6 +438,23 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	for _, c := range rewrite {
 		addRules(tx, c)
 	}
+	// Shared pick chains: created with their first user, before the
+	// elements that go to them; flushed when their last user goes, and
+	// deleted later like a Service's chains.
+	var flushedPicks []string
+	for _, pn := range slices.Sorted(maps.Keys(pickDelta)) {
+		before := b.pickUsers[pn]
+		switch after := before + pickDelta[pn]; {
+		case before == 0 && after > 0:
+			tx.Add(&knftables.Chain{Name: pn})
+			tx.Flush(&knftables.Chain{Name: pn})
+			addRules(tx, pickChains[pn])
+			delete(b.stale, pn)
+		case before > 0 && after == 0:
+			tx.Flush(&knftables.Chain{Name: pn})
+			flushedPicks = append(flushedPicks, pn)
+		}
+	}
 
 	// Elements: recompute the owner of every touched element.
 	newClaims := map[string][]claim{}
@@ -450,7 +518,19 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	for _, c := range flushed {
 		b.stale[c] = now
 	}
+	for _, pn := range flushedPicks {
+		b.stale[pn] = now
+	}
+	for pn, d := range pickDelta {
+		if n := b.pickUsers[pn] + d; n > 0 {
+			b.pickUsers[pn] = n
+		} else {
+			delete(b.pickUsers, pn)
+		}
+	}
 	for name, rd := range newRenders {
+		b.addRenderCounts(b.renders[name], -1)
+		b.addRenderCounts(rd, 1)
 		if rd == nil {
 			delete(b.renders, name)
 		} else {
@@ -465,20 +545,19 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		}
 	}
 	for id, el := range newApplied {
-		if el == nil {
+		old, had := b.applied[id]
+		switch {
+		case el == nil:
+			b.counts[old.container]--
 			delete(b.applied, id)
-		} else {
+		case !had:
+			b.counts[el.container]++
+			b.applied[id] = *el
+		default:
 			b.applied[id] = *el
 		}
 	}
-	res.rules = b.staticRules
-	for _, rd := range b.renders {
-		res.noLocal += rd.noLocal
-		for _, c := range rd.chains {
-			res.rules += len(c.rules)
-		}
-	}
-	return b.result(res), nil
+	return b.result(), nil
 }
 
 // winner picks the claimant that owns an element: the first Service in
@@ -503,12 +582,27 @@ func (b *nftBackend) winner(id string, cl []claim) element {
 	return w.el
 }
 
-func (b *nftBackend) result(res syncResult) syncResult {
-	res.elements = len(b.applied)
-	for _, el := range b.applied {
-		res.elementsBy[el.container]++
+// result reports the applied table, from the counts kept up to date.
+func (b *nftBackend) result() syncResult {
+	res := syncResult{
+		rules:      b.staticRules + len(b.pickUsers) + b.svcRules,
+		elements:   len(b.applied),
+		elementsBy: maps.Clone(b.counts),
+		noLocal:    b.noLoc,
 	}
 	return res
+}
+
+// addRenderCounts adds (sign 1) or removes (-1) a render's rules and
+// no-local-endpoint ports from the totals.
+func (b *nftBackend) addRenderCounts(rd *svcRender, sign int) {
+	if rd == nil {
+		return
+	}
+	b.noLoc += sign * rd.noLocal
+	for _, c := range rd.chains {
+		b.svcRules += sign * len(c.rules)
+	}
 }
 
 // flushOld flushes the chains left in old (a Service's chains it no longer

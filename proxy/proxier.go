@@ -61,6 +61,14 @@ type Config struct {
 	// MinSyncPeriod is the least time between two syncs (changes arriving
 	// meanwhile are batched). Default 100ms.
 	MinSyncPeriod time.Duration
+	// NewServiceHoldOff is how long a new Service that has no EndpointSlice
+	// yet waits for its first slice before it is synced without one. A
+	// Service and its slice are written one after the other (by a user, or
+	// by the endpointslice controller once it sees the Service), so without
+	// the wait nearly every new Service costs two syncs, the second one
+	// MinSyncPeriod after the first. Changes to existing Services are never
+	// held. Default 250ms; negative: no wait.
+	NewServiceHoldOff time.Duration
 	// SyncPeriod is the full resync period: the whole table is re-rendered
 	// and replaced, repairing any drift. Default 10m.
 	SyncPeriod time.Duration
@@ -83,10 +91,11 @@ type Config struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		MinSyncPeriod:  100 * time.Millisecond,
-		SyncPeriod:     10 * time.Minute,
-		Backend:        BackendAuto,
-		MasqueradeMark: 0x4000,
+		MinSyncPeriod:     100 * time.Millisecond,
+		NewServiceHoldOff: 250 * time.Millisecond,
+		SyncPeriod:        10 * time.Minute,
+		Backend:           BackendAuto,
+		MasqueradeMark:    0x4000,
 	}
 }
 
@@ -97,6 +106,9 @@ func (c *Config) defaults() error {
 	}
 	if c.SyncPeriod <= 0 {
 		c.SyncPeriod = d.SyncPeriod
+	}
+	if c.NewServiceHoldOff == 0 {
+		c.NewServiceHoldOff = d.NewServiceHoldOff
 	}
 	if c.Backend == "" {
 		c.Backend = d.Backend
@@ -136,6 +148,11 @@ type Proxier struct {
 	kick       chan struct{}
 	needFull   atomic.Bool
 	ready      atomic.Bool
+
+	// holdMu guards held: the timer that asks for a sync once the
+	// hold-off of a new Service without a slice is over (one at a time).
+	holdMu sync.Mutex
+	held   *time.Timer
 
 	nodeMu sync.Mutex
 	node   nodeView
@@ -335,6 +352,25 @@ func (p *Proxier) requestSync() {
 	}
 }
 
+// requestSyncAfterHoldOff asks for a sync once NewServiceHoldOff has
+// passed, unless a sync is asked for sooner (by the Service's slice, or any
+// other change), which then takes the held Service along. One timer serves
+// every held Service: a Service that arrives while one runs waits less,
+// never more.
+func (p *Proxier) requestSyncAfterHoldOff() {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	if p.held != nil {
+		return
+	}
+	p.held = time.AfterFunc(p.cfg.NewServiceHoldOff, func() {
+		p.holdMu.Lock()
+		p.held = nil
+		p.holdMu.Unlock()
+		p.requestSync()
+	})
+}
+
 // loop is the bounded-frequency runner: a sync runs when asked, at most once
 // per MinSyncPeriod; a full one every SyncPeriod; a failed one is retried,
 // as a full sync, with backoff.
@@ -382,6 +418,13 @@ func (p *Proxier) loop(ctx context.Context) {
 // sync is needed (to delete stale chains), and the error, if any.
 func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 	start := time.Now()
+	// This sync takes every held new Service along: its timer is done.
+	p.holdMu.Lock()
+	if p.held != nil {
+		p.held.Stop()
+		p.held = nil
+	}
+	p.holdMu.Unlock()
 	before := p.svcTracker.checkout(p.st.services)
 	epChanged, triggers := p.epTracker.checkout(p.st.endpoints)
 	p.triggers = append(p.triggers, triggers...)
@@ -411,7 +454,12 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 	}
 	res, err := sync(ctx, &p.st, changed, full)
 	elapsed := time.Since(start)
-	p.m.syncDuration.WithLabelValues(kind).Observe(elapsed.Seconds())
+	// A sync with nothing to do (a hold-off timer that ran out after its
+	// Service was synced, or a later sync that only deletes stale chains)
+	// is not a sync worth timing.
+	if full || len(changed) > 0 {
+		p.m.syncDuration.WithLabelValues(kind).Observe(elapsed.Seconds())
+	}
 	if err != nil {
 		p.m.syncErrors.WithLabelValues(kind).Inc()
 		p.needFull.Store(true)
@@ -432,6 +480,10 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 		for _, c := range []string{mapServiceIPs, mapServiceNodePorts, mapNoEPServices, mapNoEPNodePorts, mapFirewallIPs,
 			setClusterIPs, setNodePortIPs, setHairpin, setLocalServiceIPs, setClusterCIDRs} {
 			name := perFamily(c, f)
+			p.m.elements.WithLabelValues(name).Set(float64(res.elementsBy[name]))
+		}
+		for _, proto := range l4protos {
+			name := endpointsMap(f, proto)
 			p.m.elements.WithLabelValues(name).Set(float64(res.elementsBy[name]))
 		}
 	}
@@ -547,9 +599,17 @@ func (p *Proxier) onService(oldObj, newObj any) {
 	}
 	prev := convertService(oldSvc, p.cfg.LocalServiceIPs, quiet)
 	cur := convertService(newSvc, p.cfg.LocalServiceIPs, p.invalid)
-	if p.svcTracker.update(name, prev, cur) {
-		p.requestSync()
+	if !p.svcTracker.update(name, prev, cur) {
+		return
 	}
+	// A brand-new Service whose slice has not arrived yet waits for it
+	// (bounded), so that both go in one sync. Not before the first sync:
+	// the informers' initial list is synced all at once anyway.
+	if oldObj == nil && cur != nil && p.cfg.NewServiceHoldOff > 0 && p.ready.Load() && !p.epTracker.has(name) {
+		p.requestSyncAfterHoldOff()
+		return
+	}
+	p.requestSync()
 }
 
 func asService(obj any) *corev1.Service {

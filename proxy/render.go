@@ -46,6 +46,8 @@ const (
 	setHairpin            = "hairpin-connections"
 	setLocalServiceIPs    = "local-service-ips"
 	setClusterCIDRs       = "cluster-cidrs"
+	mapEndpoints          = "endpoints"
+	prefixPick            = "pick-"
 	suffixEndpoints       = "/endpoints"
 	prefixCluster         = "service-"
 	prefixLocal           = "local-"
@@ -146,6 +148,9 @@ type svcRender struct {
 	elements []element
 	// maps are the Service's endpoint maps (numgen index -> endpoint).
 	maps []epMap
+	// picks are the shared chains the Service's ClusterIP-only ports
+	// choose their endpoint with (see pick); a port may repeat one.
+	picks []pickChain
 	// noLocal counts ports that drop external traffic for lack of a local
 	// endpoint (metrics only).
 	noLocal int
@@ -156,16 +161,51 @@ type svcRender struct {
 type epMap struct {
 	name    string
 	family  family
+	proto   string
 	verdict bool
 }
 
 func (m *epMap) object() *knftables.Map {
-	typ := "numgen random mod 1 : " + m.family.ipX() + " daddr . tcp dport"
+	// The data's port is the Service's protocol's: nft refuses a rule
+	// whose protocol differs from the one in the map's typeof once the map
+	// is in the kernel ("conflicting protocols specified: udp vs. tcp").
+	typ := "numgen random mod 1 : " + m.family.ipX() + " daddr . " + m.proto + " dport"
 	if m.verdict {
 		typ = "numgen random mod 1 : verdict"
 	}
 	return &knftables.Map{Name: m.name, TypeOf: typ}
 }
+
+// pickChain is the chain that every port reached only through its ClusterIP
+// with n endpoints of one protocol and family shares (see renderer.pick).
+type pickChain struct {
+	family family
+	proto  string
+	n      int
+}
+
+func (p pickChain) name() string {
+	return prefixPick + p.family.String() + "-" + p.proto + "-" + strconv.Itoa(p.n)
+}
+
+// chain: the endpoint is the element of endpoints-vX at (ClusterIP,
+// protocol, port, random index).
+func (p pickChain) chain() chain {
+	ipX := p.family.ipX()
+	return chain{name: p.name(), rules: []rule{{text: "meta l4proto " + p.proto + " dnat " + ipX + " addr . port to " +
+		ipX + " daddr . " + p.proto + " dport . numgen random mod " + strconv.Itoa(p.n) + " map @" + endpointsMap(p.family, p.proto)}}}
+}
+
+// endpointsMap names the shared endpoints map of a family and protocol:
+// "endpoints-v4-tcp". One per protocol because nft (1.0.6) refuses a rule
+// whose protocol differs from the one in the typeof of a map's data.
+func endpointsMap(f family, proto string) string { return perFamily(mapEndpoints, f) + "-" + proto }
+
+// l4protos are the protocols a Service port may have, as nft names them.
+var l4protos = []string{"tcp", "udp", "sctp"}
+
+// isPickChain tells the shared pick chains from the fixed chains.
+func isPickChain(name string) bool { return strings.HasPrefix(name, prefixPick) }
 
 // renderer holds what every render needs besides the Service itself.
 type renderer struct {
@@ -265,6 +305,16 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 		externalPolicyChain, hasExternal = localChain, len(es.local) > 0
 	}
 	usesExternal := es.any && sp.externallyAccessible()
+	// A port reached only through its ClusterIP, without affinity, needs
+	// no chain of its own: it picks from the shared endpoints map.
+	shared := !affinity && !sp.externallyAccessible()
+	if shared && hasInternal {
+		list := es.cluster
+		if sp.intLocal {
+			list = es.local
+		}
+		internalChain = r.pick(out, sp, list)
+	}
 
 	var intVerdict, extVerdict string
 	if !es.any {
@@ -384,12 +434,43 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 			}})
 		}
 	}
-	if usesCluster {
+	if usesCluster && !shared {
 		out.chains = append(out.chains, r.policyChain(out, clusterChain, base, sp, es.cluster))
 	}
-	if usesLocal {
+	if usesLocal && !shared {
 		out.chains = append(out.chains, r.policyChain(out, localChain, base, sp, es.local))
 	}
+}
+
+// pick chooses among eps for a port reached only through its ClusterIP
+// (no NodePort, external or LoadBalancer IP) and without affinity: the
+// commonest Service by far. It renders no chain and no rule: the Service's
+// endpoints are elements of one shared map, keyed on (ClusterIP,
+// port, index) in endpoints-vX-<protocol>, and its service-ips element goes
+// to the chain that all such ports with as many endpoints share:
+//
+//	pick-v4-tcp-3: meta l4proto tcp dnat ip addr . port to
+//	    ip daddr . tcp dport . numgen random mod 3 map @endpoints-v4-tcp
+//
+// So adding or changing such a Service is a few map elements, and the
+// table holds a few dozen chains however many Services there are: nft
+// loads every chain of the table before it applies anything, and the
+// kernel checks every chain reachable from a changed one, so chains are
+// what makes a table slow to change. Only a handful of rules use the
+// shared map (one per pick chain), which keeps adding its elements cheap:
+// the kernel checks each new element against every rule that uses it.
+func (r *renderer) pick(out *svcRender, sp *servicePort, eps []endpoint) string {
+	pc := pickChain{family: sp.family, proto: sp.proto, n: len(eps)}
+	out.picks = append(out.picks, pc)
+	cip, port := sp.clusterIP.String(), strconv.Itoa(int(sp.port))
+	for i := range eps {
+		out.elements = append(out.elements, element{
+			container: endpointsMap(sp.family, sp.proto),
+			key:       []string{cip, port, strconv.Itoa(i)},
+			value:     eps[i].addr.String() + " . " + strconv.Itoa(int(eps[i].port)),
+		})
+	}
+	return pc.name()
 }
 
 // inlineEndpointsMax: up to this many endpoints a policy chain chooses with
@@ -406,7 +487,8 @@ const inlineEndpointsMax = 32
 // "<chain>/endpoints" (numgen index -> endpoint): one lookup.
 //
 // Never one anonymous map per Service in the rule (kube-proxy's shape), nor
-// one map shared by all: the kernel resolves sets created in the same
+// one map shared by a rule in every Service's chain (the pick chains share
+// one map between a few rules): the kernel resolves sets created in the same
 // transaction by walking the transaction (40 s of system time for 10,000
 // Services here), finds named sets by walking the table's set list, and
 // validates every element of a map against every rule that uses it, all
@@ -438,7 +520,7 @@ func (r *renderer) policyChain(out *svcRender, name, base string, sp *servicePor
 		ch.rules = append(ch.rules, rule{text: target(n - 1)})
 		return ch
 	}
-	m := epMap{name: limitName(name + suffixEndpoints), family: f, verdict: sp.sticky > 0}
+	m := epMap{name: limitName(name + suffixEndpoints), family: f, proto: sp.proto, verdict: sp.sticky > 0}
 	out.maps = append(out.maps, m)
 	pick := fmt.Sprintf("numgen random mod %d", n)
 	for i := range eps {
@@ -486,6 +568,11 @@ func staticSets() (sets []*knftables.Set, maps []*knftables.Map) {
 			&knftables.Map{Name: perFamily(mapFirewallIPs, f), Type: a + " . inet_proto . inet_service : verdict",
 				Comment: knftables.PtrTo("LoadBalancer IPs subject to loadBalancerSourceRanges")},
 		)
+		for _, p := range l4protos {
+			maps = append(maps, &knftables.Map{Name: endpointsMap(f, p),
+				TypeOf:  f.ipX() + " daddr . " + p + " dport . numgen random mod 1 : " + f.ipX() + " daddr . " + p + " dport",
+				Comment: knftables.PtrTo("endpoints of ClusterIP-only " + p + " ports: (ClusterIP, port, index) -> endpoint")})
+		}
 		sets = append(sets,
 			&knftables.Set{Name: perFamily(setClusterIPs, f), Type: a, Comment: knftables.PtrTo("active ClusterIPs")},
 			&knftables.Set{Name: perFamily(setNodePortIPs, f), Type: a, Comment: knftables.PtrTo("node addresses that accept NodePorts")},

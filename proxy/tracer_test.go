@@ -235,6 +235,11 @@ func (tr *tracer) selector(rule string, toks []string, p *packet) (string, int) 
 		return p.proto, 2
 	case "th dport":
 		return strconv.Itoa(int(p.dport)), 2
+	case "tcp dport", "udp dport", "sctp dport":
+		if toks[0] != p.proto {
+			tr.fail(rule, "port of another protocol than the packet's")
+		}
+		return strconv.Itoa(int(p.dport)), 2
 	}
 	return "", 0
 }
@@ -247,25 +252,37 @@ func (tr *tracer) dnat(rule string, toks []string, p *packet) outcome {
 	if toks[2] == "to" {
 		return outcome{v: vDNAT, targets: []string{toks[3]}}
 	}
-	// dnat ip addr . port to numgen random mod N map @m
+	// dnat ip addr . port to [<selector> . ...] numgen random mod N map @m:
+	// the key is the packet's selectors (if any), then the index.
+	var prefix []string
+	at := slices.Index(toks, "to") + 1
+	for toks[at] != "numgen" {
+		sel, n := tr.selector(rule, toks[at:], p)
+		if n == 0 || sel == "" || toks[at+n] != "." {
+			tr.fail(rule, "unknown dnat map key")
+		}
+		prefix = append(prefix, sel)
+		at += n + 1
+	}
 	out := outcome{v: vDNAT}
-	for _, v := range tr.indexed(rule, toks[slices.Index(toks, "numgen"):]) {
+	for _, v := range tr.indexed(rule, toks[at:], prefix...) {
 		f := strings.Fields(v) // A . P
 		out.targets = append(out.targets, netip.AddrPortFrom(netip.MustParseAddr(f[0]), uint16(tr.num(rule, f[2]))).String())
 	}
 	return out
 }
 
-// indexed returns the values at indexes 0..N-1 of the map named in
-// "numgen random mod N (v)map @m": every choice numgen may make.
-func (tr *tracer) indexed(rule string, toks []string) []string {
+// indexed returns the values at indexes 0..N-1 (after the key prefix) of
+// the map named in "numgen random mod N (v)map @m": every choice numgen may
+// make.
+func (tr *tracer) indexed(rule string, toks []string, prefix ...string) []string {
 	if len(toks) < 6 || (toks[4] != "map" && toks[4] != "vmap") {
 		tr.fail(rule, "unknown numgen form")
 	}
 	n := tr.num(rule, toks[3])
 	var out []string
 	for i := range n {
-		el := tr.lookup(strings.TrimPrefix(toks[5], "@"), []string{strconv.Itoa(int(i))})
+		el := tr.lookup(strings.TrimPrefix(toks[5], "@"), append(slices.Clone(prefix), strconv.Itoa(int(i))))
 		if el == nil {
 			tr.fail(rule, fmt.Sprintf("no element %d", i))
 		}

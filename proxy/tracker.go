@@ -122,6 +122,13 @@ func (t *endpointTracker) update(svc types.NamespacedName, slice string, info *s
 	return true
 }
 
+// has reports whether any slice of svc is known, applied or pending.
+func (t *endpointTracker) has(svc types.NamespacedName) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.services[svc] != nil
+}
+
 // checkout applies pending slices and writes the resulting endpoint lists of
 // every changed Service into endpoints. It returns the changed Services and
 // the trigger times collected since the last checkout.
