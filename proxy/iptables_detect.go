@@ -246,7 +246,7 @@ func (p *Proxier) initBackend(ipt *iptBackend, reg prometheus.Registerer) error 
 	info.WithLabelValues(name).Set(1)
 	mm := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "knit_proxy_iptables_mismatch",
-		Help: "1 when both iptables-legacy and iptables-nft hold rules on this node (components disagree on the variant; see the agent's log and /readyz).",
+		Help: "Whether both iptables-legacy and iptables-nft held rules when the proxy started (1): components disagree on the variant; see the agent's log and /readyz.",
 	})
 	mm.Set(mismatch)
 	if reg != nil {
