@@ -124,6 +124,16 @@ func BenchmarkProxyIPTables(b *testing.B) {
 		wg.Go(func() { s.waitProgrammed(ctx, b, target, proxyProgramTimeout) })
 	}
 	wg.Wait()
+	// iptables-save shows the rules as soon as iptables-restore is done,
+	// a moment before the sync returns and its metric is observed.
+	for _, s := range []*proxySide{knit, kp} {
+		for deadline := time.Now().Add(10 * time.Second); s.programmed > 0 && s.firstSync == "" && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			if sum, count := s.histogram(s.fullSum); count > 0 {
+				s.firstSync = fmt.Sprintf("%.2f s", sum/count)
+			}
+		}
+	}
 	if knit.programmed == 0 {
 		b.Fatalf("knit did not program %d Services within %v (log: %s)", target, proxyProgramTimeout, filepath.Join(n1.Dir, "agent.log"))
 	}

@@ -35,7 +35,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		rules: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "knit_proxy_rules",
-			Help: "nftables rules in the knit-proxy table.",
+			Help: "Rules the proxy programs: in the knit-proxy nftables table, or in its KNIT- iptables chains (both families).",
 		}),
 		elements: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "knit_proxy_map_elements",
