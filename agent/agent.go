@@ -22,7 +22,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"time"
@@ -54,6 +56,17 @@ type Config struct {
 
 	// HealthAddr serves /healthz, /readyz and /metrics.
 	HealthAddr string
+	// Profiling also serves Go's profiles (net/http/pprof) under
+	// /debug/pprof/ on HealthAddr. Off by default: the CPU profile and
+	// trace endpoints cost CPU for as long as a client asks.
+	Profiling bool
+	// MemoryLimit, when > 0, is the Go runtime's soft memory limit in
+	// bytes (runtime/debug.SetMemoryLimit; see memory.go). 0 leaves the
+	// runtime's own (GOMEMLIMIT, else none).
+	MemoryLimit int64
+	// ReleaseStartupPages unmaps the binary's read-only pages once every
+	// component is Ready (see memory.go).
+	ReleaseStartupPages bool
 
 	// Enabled lists the components to run, by Name.
 	Enabled map[string]bool
@@ -142,6 +155,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}()
 	a.log.Info("agent starting", "node", a.cfg.NodeName, "components", a.componentNames(), "health", ln.Addr().String())
+	if a.cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(a.cfg.MemoryLimit)
+	}
+	if a.cfg.ReleaseStartupPages {
+		go a.releaseStartupPagesWhenReady(ctx)
+	}
 
 	// Components created their informers in New; start them all at once.
 	a.cache.Start(ctx)
@@ -190,6 +209,13 @@ func (a *Agent) healthMux() *http.ServeMux {
 		}
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{Registry: a.reg}))
+	if a.cfg.Profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index) // heap, allocs, goroutine, ... by name
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/urfave/cli/v2"
+	"k8s.io/apimachinery/pkg/api/resource"
 
 	"knit.dev/knit/agent"
 	"knit.dev/knit/dns"
@@ -37,6 +38,9 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "cluster-dns", Value: "10.43.0.10", Usage: "cluster DNS Service IP(s), answered on every node"},
 			&cli.StringFlag{Name: "cluster-domain", Value: "cluster.local"},
 			&cli.StringFlag{Name: "health-addr", Value: "127.0.0.1:9940", Usage: "address for /healthz, /readyz and /metrics"},
+			&cli.BoolFlag{Name: "pprof", Usage: "also serve Go profiles (net/http/pprof) under /debug/pprof/ on --health-addr"},
+			&cli.StringFlag{Name: "memory-limit", Value: "0", Usage: "Go runtime soft memory limit (e.g. 40Mi); 0: GOMEMLIMIT if set, else none"},
+			&cli.BoolFlag{Name: "release-startup-pages", Usage: "once Ready, unmap the binary's pages touched only at start-up (lower RSS; see docs/benchmarks.md, Memory)"},
 			&cli.StringFlag{Name: "state-dir", Value: "/var/lib/knit", Usage: "persistent state (IPAM reservations)"},
 			&cli.StringFlag{Name: "run-dir", Value: "/run/knit", Usage: "runtime state (node network config for the CNI plugin)"},
 			&cli.StringFlag{Name: "cni-conf-dir", Value: "/etc/cni/net.d"},
@@ -83,6 +87,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		Kubeconfig:    c.String("kubeconfig"),
 		ClusterDomain: strings.TrimSuffix(c.String("cluster-domain"), "."),
 		HealthAddr:    c.String("health-addr"),
+		Profiling:     c.Bool("pprof"),
 		StateDir:      c.String("state-dir"),
 		RunDir:        c.String("run-dir"),
 		CNIConfDir:    c.String("cni-conf-dir"),
@@ -102,6 +107,12 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	if cfg.NodeIPs, err = parseAddrs("node-ip", c.String("node-ip")); err != nil {
 		return cfg, err
 	}
+	limit, err := resource.ParseQuantity(c.String("memory-limit"))
+	if err != nil || limit.Sign() < 0 {
+		return cfg, fmt.Errorf("--memory-limit: want a size such as 40Mi or 0, got %q", c.String("memory-limit"))
+	}
+	cfg.MemoryLimit = limit.Value()
+	cfg.ReleaseStartupPages = c.Bool("release-startup-pages")
 	comp := &cfg.Component
 	comp.Overlay = overlay.DefaultConfig()
 	comp.Overlay.Backend = overlay.Backend(c.String("overlay-backend"))
