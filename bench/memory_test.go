@@ -16,7 +16,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -243,28 +242,14 @@ func BenchmarkMemory(b *testing.B) {
 	}
 }
 
-// memBuild builds knit and knit-cni as the image ships them (hack/image:
-// static, -trimpath, -ldflags='-s -w') into dir/bin, and kube-proxy and
-// CoreDNS (or finds them up to date) and copies them there.
+// memBuild builds knit and knit-cni (lab.BuildKnit: static and stripped,
+// as the image ships them), kube-proxy and CoreDNS, or finds them up to
+// date, and copies them into dir/bin.
 func memBuild(ctx context.Context, b *testing.B, cacheDir, dir string) map[string]string {
 	b.Helper()
-	binDir := filepath.Join(dir, "bin")
-	if err := os.MkdirAll(binDir, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	root, err := lab.RepoRoot()
+	knit, err := lab.BuildKnit(ctx, cacheDir)
 	if err != nil {
 		b.Fatal(err)
-	}
-	out := map[string]string{}
-	for name, pkg := range map[string]string{"knit": ".", "knit-cni": "./cni/cmd/knit-cni"} {
-		out[name] = filepath.Join(binDir, name)
-		cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out[name], pkg)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if o, err := cmd.CombinedOutput(); err != nil {
-			b.Fatalf("go build %s: %v\n%s", pkg, err, o)
-		}
 	}
 	kubeProxy, err := cp.BuildKubeProxy(ctx, cacheDir)
 	if err != nil {
@@ -274,9 +259,14 @@ func memBuild(ctx context.Context, b *testing.B, cacheDir, dir string) map[strin
 	if err != nil {
 		b.Fatalf("%v\n(with a cold module cache, run `go mod download` in lab/anchors/coredns outside the sandbox first)", err)
 	}
-	for name, src := range map[string]string{"kube-proxy": kubeProxy, "coredns": coredns} {
+	binDir := filepath.Join(dir, "bin")
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	out := map[string]string{}
+	for name, src := range map[string]string{"knit": knit, "knit-cni": knit + "-cni", "kube-proxy": kubeProxy, "coredns": coredns} {
 		dst := filepath.Join(binDir, name)
-		if err := dnsCopyFile(src, dst); err != nil {
+		if err := copyExecutable(src, dst); err != nil {
 			b.Fatal(err)
 		}
 		out[name] = dst
@@ -997,7 +987,7 @@ func memReport(b *testing.B, procs []*memProc, phases []string, bins map[string]
 			float64(k.anon)/float64(max(sum.anon, 1)), float64(k.file)/float64(max(sum.file, 1)))
 	}
 	w.Flush()
-	sb.WriteString("binaries (file size; without symbols and DWARF: knit and knit-cni are built as the image is, static with -ldflags='-s -w'):\n")
+	sb.WriteString("binaries (file size; without symbols and DWARF, what -ldflags='-s -w' ships; knit and knit-cni are built that way):\n")
 	for _, name := range []string{"knit", "knit-cni", "kube-proxy", "coredns"} {
 		st, err := os.Stat(bins[name])
 		if err != nil {
