@@ -40,6 +40,11 @@ type iptBackend struct {
 	renders     map[types.NamespacedName]map[family]*iptRender
 	static      map[family]*iptStatic
 	staticRules int
+
+	// onFlush, if set, is called when knit's rules were removed by someone
+	// else (a firewall reload); the monitor starts after the first full sync.
+	onFlush        func()
+	monitorStarted bool
 }
 
 // iptTables is one family's iptables: a restore batch, the jumps from the
@@ -48,6 +53,7 @@ type iptTables interface {
 	restore(ctx context.Context, data []byte) error
 	ensureJumps(jumps []iptJump) error
 	listChains(table string) ([]string, error)
+	chainExists(table, chain string) (bool, error)
 	randomFully() bool
 }
 
@@ -156,7 +162,47 @@ func (b *iptBackend) fullSync(ctx context.Context, st *state, r *iptRenderer) (s
 	for _, s := range static {
 		b.staticRules += s.rules()
 	}
+	if b.onFlush != nil && !b.monitorStarted {
+		b.monitorStarted = true
+		go b.monitor(ctx)
+	}
 	return b.result(), nil
+}
+
+// iptCanary is an empty chain in the mangle table that only knit creates:
+// when it is gone, something (a firewall reload, iptables -X, an
+// iptables-restore without --noflush) has removed knit's rules too, and a
+// full sync puts them back without waiting for the SyncPeriod. The mangle
+// table is small, so checking it is cheap; a tool that wipes only nat or
+// filter is caught by the periodic full sync. kube-proxy's iptables mode
+// watches its KUBE-PROXY-CANARY the same way.
+const iptCanary = "KNIT-PROXY-CANARY"
+
+// iptCanaryPeriod is how often the canary is checked.
+var iptCanaryPeriod = 10 * time.Second
+
+func (b *iptBackend) monitor(ctx context.Context) {
+	t := time.NewTicker(iptCanaryPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, f := range b.families() {
+			ok, err := b.fam[f].chainExists(iptTableMangle, iptCanary)
+			if err != nil {
+				b.log.Debug("checking the iptables canary failed", "family", f.String(), "err", err)
+				continue
+			}
+			if !ok {
+				b.log.Warn("knit's iptables rules were removed by something else (firewall reload?); running a full sync", "family", f.String())
+				b.onFlush()
+				break
+			}
+		}
+	}
 }
 
 func (b *iptBackend) partialSync(ctx context.Context, st *state, r *iptRenderer, changed map[types.NamespacedName]bool) (syncResult, error) {
@@ -254,6 +300,9 @@ func allSlots() []iptSlot {
 func (b *iptBackend) restoreData(names []types.NamespacedName, render func(types.NamespacedName) *iptRender,
 	static *iptStatic, slots []iptSlot, chains []iptChain, deleted []string, full bool) []byte {
 	var buf bytes.Buffer
+	if full {
+		buf.WriteString("*" + iptTableMangle + "\n:" + iptCanary + " - [0:0]\nCOMMIT\n")
+	}
 	for _, table := range []string{iptTableFilter, iptTableNAT} {
 		var decl, rules bytes.Buffer
 		own := func(c iptChain) {
@@ -356,6 +405,10 @@ func (x *iptExec) randomFully() bool { return x.ipt.HasRandomFully() }
 
 func (x *iptExec) listChains(table string) ([]string, error) { return x.ipt.ListChains(table) }
 
+func (x *iptExec) chainExists(table, chain string) (bool, error) {
+	return x.ipt.ChainExists(table, chain)
+}
+
 func (x *iptExec) ensureJumps(jumps []iptJump) error {
 	// Inserting at the top in reverse order leaves them in list order.
 	for i := len(jumps) - 1; i >= 0; i-- {
@@ -416,7 +469,7 @@ func linesAround(data []byte, n, before int) string {
 // tests.
 func (x *iptExec) removeAll(ctx context.Context) error {
 	chainsOf := map[string][]string{}
-	for _, table := range []string{iptTableFilter, iptTableNAT} {
+	for _, table := range []string{iptTableMangle, iptTableFilter, iptTableNAT} {
 		chains, err := x.ipt.ListChains(table)
 		if err != nil {
 			return err
@@ -433,7 +486,7 @@ func (x *iptExec) removeAll(ctx context.Context) error {
 		}
 	}
 	var buf bytes.Buffer
-	for _, table := range []string{iptTableFilter, iptTableNAT} {
+	for _, table := range []string{iptTableMangle, iptTableFilter, iptTableNAT} {
 		chains := chainsOf[table]
 		var decl, del bytes.Buffer
 		for _, c := range chains {

@@ -231,6 +231,10 @@ func (p *Proxier) initBackend(ipt *iptBackend, reg prometheus.Registerer) error 
 	name := BackendNFTables
 	mismatch := 0.0
 	if ipt != nil {
+		ipt.onFlush = func() {
+			p.needFull.Store(true)
+			p.requestSync()
+		}
 		name = BackendIPTables
 		if ipt.detect != nil {
 			name += "-" + ipt.detect.variant

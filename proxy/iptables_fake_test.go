@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 )
 
 // fakeIPT is one family's iptables for unit tests: it applies
@@ -14,12 +15,14 @@ import (
 // must be empty and unreferenced to be deleted; each table commits
 // atomically), and records every batch.
 type fakeIPT struct {
+	mu       sync.Mutex
 	tables   map[string]map[string][]string // table -> chain -> rules
 	batches  []string
 	failNext error
 }
 
 var builtinChains = map[string][]string{
+	iptTableMangle: {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
 	iptTableFilter: {"INPUT", "FORWARD", "OUTPUT"},
 	iptTableNAT:    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
 }
@@ -38,10 +41,21 @@ func newFakeIPT() *fakeIPT {
 func (f *fakeIPT) randomFully() bool { return true }
 
 func (f *fakeIPT) listChains(table string) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	return slices.Sorted(maps.Keys(f.tables[table])), nil
 }
 
+func (f *fakeIPT) chainExists(table, chain string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.tables[table][chain]
+	return ok, nil
+}
+
 func (f *fakeIPT) ensureJumps(jumps []iptJump) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	for i := len(jumps) - 1; i >= 0; i-- {
 		j := jumps[i]
 		rule := strings.Join(quoteArgs(j.args), " ")
@@ -72,6 +86,8 @@ func quoteArgs(args []string) []string {
 }
 
 func (f *fakeIPT) restore(_ context.Context, data []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.batches = append(f.batches, string(data))
 	if err := f.failNext; err != nil {
 		f.failNext = nil
@@ -157,8 +173,10 @@ func jumpTarget(rule string) string {
 
 // dump prints the tables: chains sorted by name, rules in order.
 func (f *fakeIPT) dump() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	var b strings.Builder
-	for _, t := range []string{iptTableFilter, iptTableNAT} {
+	for _, t := range []string{iptTableMangle, iptTableFilter, iptTableNAT} {
 		fmt.Fprintf(&b, "*%s\n", t)
 		for _, c := range slices.Sorted(maps.Keys(f.tables[t])) {
 			fmt.Fprintf(&b, ":%s\n", c)

@@ -359,3 +359,116 @@ func TestIPTablesKernelDataPath(t *testing.T) {
 		})
 	}
 }
+
+// TestRemoveOtherBackend: after a switch of backend (or of iptables
+// variant), the first sync of the new one removes what knit left in the old
+// one, so that stale rules do not keep DNATing to old endpoints; rules that
+// are not knit's stay.
+func TestRemoveOtherBackend(t *testing.T) {
+	requireSandbox(t) // nft too
+	if _, err := exec.LookPath("iptables-legacy-restore"); err != nil {
+		t.Skip("iptables-legacy not installed")
+	}
+	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "inet", tableName).Run() })
+	// Someone else's rule, which must survive.
+	if out, err := exec.Command("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "RETURN").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("iptables-legacy", "-t", "nat", "-D", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "RETURN").Run()
+	})
+
+	// knit on iptables-legacy.
+	legacy := realIPT(t, iptLegacy)
+	h1 := newHarness(t, testConfig(), nil, allShapes()...)
+	h1.p.ipt = legacy
+	h1.sync()
+	if save := iptSaveText(t, legacy, v4); !strings.Contains(save, ":KNIT-SERVICES") {
+		t.Fatal("no knit rules in iptables-legacy")
+	}
+
+	// Restarted on nftables: the legacy rules go after its first sync.
+	nft, lister, err := newNFT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2 := newHarness(t, testConfig(), nft, allShapes()...)
+	h2.p.backend.lister = lister
+	h2.p.leftovers = h2.p.removeOtherBackend
+	h2.sync()
+	for _, f := range []family{v4, v6} {
+		if save := iptSaveText(t, legacy, f); strings.Contains(save, "KNIT-") {
+			t.Errorf("knit's iptables-legacy rules (%s) left after switching to nftables:\n%s", f, save)
+		}
+	}
+	if save := iptSaveText(t, legacy, v4); !strings.Contains(save, "-A POSTROUTING -s 192.0.2.0/24 -j RETURN") {
+		t.Errorf("a rule that is not knit's was removed:\n%s", save)
+	}
+	if err := exec.Command("nft", "list", "table", "inet", tableName).Run(); err != nil {
+		t.Fatal("nftables table missing")
+	}
+
+	// Restarted on iptables-nft: the nftables table goes.
+	nftVariant := realIPT(t, iptNFT)
+	h3 := newHarness(t, testConfig(), nil, allShapes()...)
+	h3.p.ipt = nftVariant
+	h3.p.leftovers = h3.p.removeOtherBackend
+	h3.sync()
+	if err := exec.Command("nft", "list", "table", "inet", tableName).Run(); err == nil {
+		t.Error("the nftables table is still there after switching to iptables")
+	}
+	if save := iptSaveText(t, nftVariant, v4); !strings.Contains(save, ":KNIT-SERVICES") {
+		t.Error("no knit rules in iptables-nft")
+	}
+}
+
+// TestIPTablesKernelCanary: a real "firewall reload" (iptables-restore
+// without --noflush, which empties the tables) is noticed through the
+// canary chain, and the full sync it triggers restores knit's rules.
+func TestIPTablesKernelCanary(t *testing.T) {
+	period := iptCanaryPeriod
+	t.Cleanup(func() { iptCanaryPeriod = period })
+	iptCanaryPeriod = 50 * time.Millisecond
+	for _, variant := range []string{iptLegacy, iptNFT} {
+		t.Run(variant, func(t *testing.T) {
+			b := realIPT(t, variant)
+			flushed := make(chan struct{}, 1)
+			b.onFlush = func() {
+				select {
+				case flushed <- struct{}{}:
+				default:
+				}
+			}
+			h := newHarness(t, testConfig(), nil, allShapes()...)
+			h.p.ipt = b
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if _, err := h.p.syncOnce(ctx); err != nil {
+				t.Fatal(err)
+			}
+			reload := exec.Command(b.detect.cmds[v4].restore)
+			reload.Stdin = strings.NewReader("*mangle\nCOMMIT\n*nat\nCOMMIT\n*filter\nCOMMIT\n")
+			if out, err := reload.CombinedOutput(); err != nil {
+				t.Fatalf("reload: %v: %s", err, out)
+			}
+			if save := iptSaveText(t, b, v4); strings.Contains(save, "KNIT-") {
+				t.Fatalf("the reload left knit's rules:\n%s", save)
+			}
+			select {
+			case <-flushed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the reload was not noticed")
+			}
+			h.p.needFull.Store(true)
+			if _, err := h.p.syncOnce(ctx); err != nil {
+				t.Fatal(err)
+			}
+			save := iptSaveText(t, b, v4)
+			for _, want := range []string{":KNIT-PROXY-CANARY", "-A PREROUTING -m comment --comment \"knit service portals\" -j KNIT-SERVICES", "--to-destination 10.42.1.5:8080"} {
+				if !strings.Contains(save, want) {
+					t.Errorf("after the full sync, iptables-save lacks %q", want)
+				}
+			}
+		})
+	}
+}

@@ -68,6 +68,7 @@ const (
 	iptPrefixSep     = "KNIT-SEP-"
 	iptTableNAT      = "nat"
 	iptTableFilter   = "filter"
+	iptTableMangle   = "mangle"
 	iptChainNameMax  = 28
 	iptProbabilityFm = "%0.10f"
 )

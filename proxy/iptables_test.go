@@ -427,3 +427,45 @@ func TestLinesAround(t *testing.T) {
 		t.Errorf("linesAround = %q", got)
 	}
 }
+
+// TestIPTablesCanary: when knit's rules are wiped by someone else (a
+// firewall reload), the canary chain is gone too and the proxier is asked
+// for a full sync, which puts everything back.
+func TestIPTablesCanary(t *testing.T) {
+	period := iptCanaryPeriod
+	t.Cleanup(func() { iptCanaryPeriod = period })
+	iptCanaryPeriod = 10 * time.Millisecond
+	h := newIPTHarness(t, testConfig(), allShapes()...)
+	flushed := make(chan struct{}, 1)
+	h.p.ipt.onFlush = func() {
+		select {
+		case flushed <- struct{}{}:
+		default:
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	if _, err := h.p.syncOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := h.dump()
+	select {
+	case <-flushed:
+		t.Fatal("a full sync was asked for although nothing was removed")
+	case <-time.After(100 * time.Millisecond):
+	}
+	// A firewall reload: every table back to its built-in chains.
+	h.ipt[v6].mu.Lock()
+	h.ipt[v6].tables = newFakeIPT().tables
+	h.ipt[v6].mu.Unlock()
+	select {
+	case <-flushed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the removal of knit's rules was not noticed")
+	}
+	h.p.needFull.Store(true)
+	h.sync()
+	if got := h.dump(); got != want {
+		t.Errorf("the full sync after the removal did not restore the rules:\n%s", lineDiff(want, got))
+	}
+}
