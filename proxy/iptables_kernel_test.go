@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
@@ -470,5 +472,63 @@ func TestIPTablesKernelCanary(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestIPTablesKernelMismatch runs the detection against the real
+// iptables-legacy-save and iptables-nft-save: rules in both variants are a
+// mismatch, reported by the proxier's warnings (on /readyz) and metric.
+func TestIPTablesKernelMismatch(t *testing.T) {
+	sandbox.Require(t)
+	for _, v := range []string{iptLegacy, iptNFT} {
+		if _, err := exec.LookPath("iptables-" + v + "-save"); err != nil {
+			t.Skipf("iptables-%s not installed", v)
+		}
+	}
+	rule := func(bin, op string, args ...string) {
+		t.Helper()
+		if out, err := exec.Command(bin, append([]string{op}, args...)...).CombinedOutput(); err != nil && op == "-A" {
+			t.Fatalf("%s: %v: %s", bin, err, out)
+		}
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+
+	// One variant in use: no mismatch, and that variant is chosen.
+	legacyRule := []string{"POSTROUTING", "-t", "nat", "-s", "192.0.2.0/24", "-j", "RETURN"}
+	rule("iptables-legacy", "-A", legacyRule...)
+	t.Cleanup(func() { rule("iptables-legacy", "-D", legacyRule...) })
+	b, err := newIPTables(BackendIPTables, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.detect.variant != iptLegacy || b.detect.mismatch {
+		t.Errorf("legacy in use: chose %s (%s), mismatch %v", b.detect.variant, b.detect.why, b.detect.mismatch)
+	}
+
+	// Both in use: reported.
+	nftRule := []string{"FORWARD", "-s", "192.0.2.0/24", "-j", "ACCEPT"}
+	rule("iptables-nft", "-A", nftRule...)
+	t.Cleanup(func() { rule("iptables-nft", "-D", nftRule...) })
+	b, err = newIPTables(BackendIPTables, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !b.detect.mismatch || b.detect.rules[iptLegacy] != 1 || b.detect.rules[iptNFT] != 1 {
+		t.Fatalf("both in use: detection %+v", b.detect)
+	}
+	h := newHarness(t, testConfig(), nil)
+	reg := prometheus.NewRegistry()
+	if err := h.p.initBackend(b, reg); err != nil {
+		t.Fatal(err)
+	}
+	if w := h.p.Warnings(); len(w) != 1 || !strings.Contains(w[0], "iptables-legacy (1 rules) and iptables-nft (1 rules)") {
+		t.Errorf("warnings = %q", w)
+	}
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(`
+# HELP knit_proxy_iptables_mismatch Whether both iptables-legacy and iptables-nft held rules when the proxy started (1): components disagree on the variant; see the agent's log and /readyz.
+# TYPE knit_proxy_iptables_mismatch gauge
+knit_proxy_iptables_mismatch 1
+`), "knit_proxy_iptables_mismatch"); err != nil {
+		t.Error(err)
 	}
 }
