@@ -5,6 +5,7 @@ import (
 	"knit.dev/knit/ingress"
 	"knit.dev/knit/overlay"
 	"knit.dev/knit/proxy"
+	"knit.dev/knit/proxy/lb"
 )
 
 // ComponentConfig holds the per-component settings the command line parses.
@@ -13,6 +14,7 @@ import (
 type ComponentConfig struct {
 	Overlay overlay.Config
 	Proxy   proxy.Config
+	LB      lb.Config
 	DNS     dns.Config
 	Ingress ingress.Config
 }
@@ -30,6 +32,7 @@ var builders = []builder{
 	{"overlay", buildOverlay},
 	{"cni", buildCNI},
 	{"proxy", buildProxy},
+	{"lb", buildLB},
 	{"dns", buildDNS},
 	{"ingress", buildIngress},
 }
@@ -68,6 +71,17 @@ func buildProxy(a *Agent) (Component, error) {
 		EndpointSlices: a.cache.EndpointSlices(),
 		Nodes:          a.cache.Nodes(),
 	}, a.reg, a.log.With("component", "proxy"))
+}
+
+func buildLB(a *Agent) (Component, error) {
+	cfg := a.cfg.Component.LB
+	cfg.NodeName = a.cfg.NodeName
+	return lb.New(cfg, lb.Sources{
+		Services:       a.cache.Services(),
+		EndpointSlices: a.cache.EndpointSlices(),
+		Nodes:          a.cache.Nodes(),
+		Client:         a.conn.Client,
+	}, a.reg, a.log.With("component", "lb"))
 }
 
 func buildDNS(a *Agent) (Component, error) {

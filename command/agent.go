@@ -20,6 +20,7 @@ import (
 	"knit.dev/knit/ingress"
 	"knit.dev/knit/overlay"
 	"knit.dev/knit/proxy"
+	"knit.dev/knit/proxy/lb"
 )
 
 // allComponents is the default --components value, in start order.
@@ -52,6 +53,9 @@ func agentCommand() *cli.Command {
 			&cli.IntFlag{Name: "vxlan-port", Value: 8472},
 			&cli.BoolFlag{Name: "masquerade", Value: true, Usage: "masquerade pod traffic leaving the cluster CIDR"},
 			&cli.StringFlag{Name: "proxy-backend", Value: "auto", Usage: "nftables, iptables (iptables-legacy, iptables-nft to force the variant) or auto (nftables if usable, else iptables)"},
+			&cli.StringFlag{Name: "lb-class", Value: lb.DefaultClass, Usage: "loadBalancerClass of the Services knit's load balancer serves (it runs with the proxy component); empty turns it off"},
+			&cli.BoolFlag{Name: "lb-default-class", Usage: "the load balancer also serves LoadBalancer Services with no loadBalancerClass"},
+			&cli.IntFlag{Name: "lb-max-nodes", Value: lb.DefaultMaxNodes, Usage: "most nodes listed as one LoadBalancer Service's addresses; 0 lists every eligible node"},
 			&cli.StringFlag{Name: "dns-upstream", Usage: "upstream resolvers (comma-separated host:port); default: the node's resolv.conf"},
 			&cli.StringFlag{Name: "dns-resolv-conf", Value: "/etc/resolv.conf", Usage: "resolv.conf to take upstreams from"},
 			&cli.StringFlag{Name: "ingress-http-addr", Value: ":80"},
@@ -121,6 +125,10 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	comp.Overlay.Masquerade = c.Bool("masquerade")
 	comp.Proxy = proxy.DefaultConfig()
 	comp.Proxy.Backend = c.String("proxy-backend")
+	comp.LB = lb.DefaultConfig()
+	comp.LB.Class = c.String("lb-class")
+	comp.LB.DefaultClass = c.Bool("lb-default-class")
+	comp.LB.MaxNodes = c.Int("lb-max-nodes")
 	comp.DNS = dns.DefaultConfig()
 	comp.DNS.Upstreams = splitList(c.String("dns-upstream"))
 	comp.DNS.ResolvConf = c.String("dns-resolv-conf")
@@ -144,6 +152,11 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 			return cfg, fmt.Errorf("--components: unknown component %q (known: %s)", n, allComponents)
 		}
 		cfg.Enabled[n] = true
+	}
+	// The load balancer is part of the service proxy: it only writes
+	// Service status, which the proxy turns into rules.
+	if cfg.Enabled["proxy"] && comp.LB.Class != "" {
+		cfg.Enabled["lb"] = true
 	}
 	cfg.BinaryPath = c.String("cni-plugin-binary")
 	if cfg.BinaryPath == "" {

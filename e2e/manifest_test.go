@@ -178,6 +178,9 @@ func TestManifestRBAC(t *testing.T) {
 		{"create", "coordination.k8s.io", "leases", "", "kube-system", "", true},
 		{"get", "coordination.k8s.io", "leases", "", "kube-system", "knit-ingress-status", true},
 		{"update", "coordination.k8s.io", "leases", "", "kube-system", "knit-ingress-status", true},
+		{"get", "coordination.k8s.io", "leases", "", "kube-system", "knit-lb", true},
+		{"update", "coordination.k8s.io", "leases", "", "kube-system", "knit-lb", true},
+		{"patch", "", "services", "status", "default", "x", true},
 		// What it must not.
 		{"update", "coordination.k8s.io", "leases", "", "kube-system", "kube-controller-manager", false},
 		{"get", "coordination.k8s.io", "leases", "", "default", "knit-ingress-status", false},
@@ -187,6 +190,7 @@ func TestManifestRBAC(t *testing.T) {
 		{"create", "", "pods", "", "default", "", false},
 		{"update", "", "services", "", "default", "x", false},
 		{"update", "", "services", "status", "default", "x", false},
+		{"patch", "", "services", "", "default", "x", false},
 		{"update", "networking.k8s.io", "ingresses", "", "default", "web", false},
 		{"create", "", "secrets", "", "default", "", false},
 	}

@@ -11,8 +11,9 @@
 //
 // What it installs, in apply order: the knit-system Namespace, the
 // ServiceAccount, a least-privilege ClusterRole and binding, a Role and
-// binding for the ingress status Lease, the ConfigMap with the network
-// settings, the DaemonSet, the kube-dns Service and the "knit" IngressClass.
+// binding for the Leases of the ingress status and load-balancer writers,
+// the ConfigMap with the network settings, the DaemonSet, the kube-dns
+// Service and the "knit" IngressClass.
 // Names that the agent's code also knows (the ingress controller name, its
 // Lease) come from the component packages, so the manifest cannot drift
 // from the code.
@@ -43,6 +44,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"knit.dev/knit/ingress"
+	"knit.dev/knit/proxy/lb"
 )
 
 // Defaults: the lab's addresses (DESIGN.md), which are also k3s's.
@@ -62,6 +64,7 @@ const (
 
 	// Names of the objects knit owns.
 	Name          = "knit" // ServiceAccount, ClusterRole(Binding), DaemonSet, IngressClass
+	LeaseRoleName = "knit-leases"
 	ConfigMapName = "knit-config"
 	// ConfigHashAnnotation on the pod template holds a hash of the
 	// ConfigMap's data, so applying a manifest with other settings rolls
@@ -242,24 +245,25 @@ func documents(cfg Config) ([]document, error) {
 		{
 			obj: &rbacv1.Role{
 				TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
-				ObjectMeta: metav1.ObjectMeta{Name: ing.LeaseName, Namespace: ing.LeaseNamespace, Labels: labels},
+				ObjectMeta: metav1.ObjectMeta{Name: LeaseRoleName, Namespace: ing.LeaseNamespace, Labels: labels},
 				Rules: []rbacv1.PolicyRule{
 					{APIGroups: []string{coordinationv1.GroupName}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 					{APIGroups: []string{coordinationv1.GroupName}, Resources: []string{"leases"},
-						ResourceNames: []string{ing.LeaseName}, Verbs: []string{"get", "update"}},
+						ResourceNames: []string{ing.LeaseName, lb.DefaultLeaseName}, Verbs: []string{"get", "update"}},
 				},
 			},
-			header: fmt.Sprintf(`One agent at a time writes Ingress status and Events: the holder of the
-Lease %s/%s.
+			header: fmt.Sprintf(`One agent at a time writes Ingress status and Events (the holder of the
+Lease %s/%s), and one writes the status of knit's
+LoadBalancer Services (the holder of the Lease %s/%s).
 A Role in that namespace rather than a ClusterRole rule: get and update
-are limited to that one Lease; create cannot be limited by name (RBAC does
-not know the name of an object that does not exist yet).`, ing.LeaseNamespace, ing.LeaseName),
+are limited to those two Leases; create cannot be limited by name (RBAC does
+not know the name of an object that does not exist yet).`, ing.LeaseNamespace, ing.LeaseName, lb.DefaultLeaseNamespace, lb.DefaultLeaseName),
 		},
 		{
 			obj: &rbacv1.RoleBinding{
 				TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "RoleBinding"),
-				ObjectMeta: metav1.ObjectMeta{Name: ing.LeaseName, Namespace: ing.LeaseNamespace, Labels: labels},
-				RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: ing.LeaseName},
+				ObjectMeta: metav1.ObjectMeta{Name: LeaseRoleName, Namespace: ing.LeaseNamespace, Labels: labels},
+				RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: LeaseRoleName},
 				Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: Name, Namespace: cfg.Namespace}},
 			},
 		},
@@ -307,6 +311,7 @@ func clusterRole(labels map[string]string) document {
 				{APIGroups: []string{discoveryv1.GroupName}, Resources: []string{"endpointslices"}, Verbs: read},
 				{APIGroups: []string{networkingv1.GroupName}, Resources: []string{"ingresses", "ingressclasses"}, Verbs: read},
 				{APIGroups: []string{networkingv1.GroupName}, Resources: []string{"ingresses/status"}, Verbs: []string{"update"}},
+				{APIGroups: []string{""}, Resources: []string{"services/status"}, Verbs: []string{"patch"}},
 				{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 			},
 		},
@@ -325,7 +330,9 @@ func clusterRole(labels map[string]string) document {
   agent without the ingress) if that is not acceptable.
 - ingresses/status: the Lease holder writes the node addresses into Ingress
   status; events: it reports Ingresses it cannot serve.
-- services/status is not granted: no knit component writes it yet.`,
+- services/status: the load balancer's Lease holder patches the node
+  addresses into status.loadBalancer of knit's LoadBalancer Services (and
+  its own condition); nothing else of a Service is written.`,
 		lineComments: map[string]string{
 			"- secrets": "all Secrets (see above); knit lists only type kubernetes.io/tls",
 		},

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -106,7 +107,7 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 			}
 		}
 	}
-	want := map[string]bool{"nodes:patch": true, "ingresses/status:update": true, "events:create": true, "events:patch": true}
+	want := map[string]bool{"nodes:patch": true, "ingresses/status:update": true, "services/status:patch": true, "events:create": true, "events:patch": true}
 	if len(writes) != len(want) {
 		t.Errorf("ClusterRole writes %v, want exactly %v", writes, want)
 	}
@@ -116,11 +117,11 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 		}
 	}
 	role := find[*rbacv1.Role](objs)
-	if role.Namespace != "kube-system" || role.Name != "knit-ingress-status" {
+	if role.Namespace != "kube-system" || role.Name != "knit-leases" {
 		t.Errorf("lease Role %s/%s", role.Namespace, role.Name)
 	}
 	for _, r := range role.Rules {
-		named := len(r.ResourceNames) == 1 && r.ResourceNames[0] == "knit-ingress-status"
+		named := slices.Equal(r.ResourceNames, []string{"knit-ingress-status", "knit-lb"})
 		for _, v := range r.Verbs {
 			if v != "create" && !named {
 				t.Errorf("lease verb %s not limited to the one Lease: %+v", v, r)
