@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -530,5 +531,89 @@ func TestIPTablesKernelMismatch(t *testing.T) {
 knit_proxy_iptables_mismatch 1
 `), "knit_proxy_iptables_mismatch"); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestIPTablesKernelDataPathIPv6 sends real TCP through the ip6tables rules:
+// a dual-stack Service's IPv6 ClusterIP is DNATed to the IPv6 endpoint, and
+// an IPv6 ClusterIP without endpoints refuses at once. (fd42::/56 is the
+// test's cluster CIDR: the pods are in it, so they are not masqueraded.)
+//
+//	client fd42:0:0:1::2 ──veth── node (fd42:0:0:1::1 | fd42:0:0:2::1) ──veth── server [fd42:0:0:2::2]:8080
+func TestIPTablesKernelDataPathIPv6(t *testing.T) {
+	sandbox.Require(t)
+	if _, err := exec.LookPath("ip6tables-restore"); err != nil {
+		t.Skip("ip6tables not installed")
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1"), 0o644); err != nil {
+		t.Fatalf("IPv6 forwarding (sandbox netns): %v", err)
+	}
+	client := podNS(t, "jc", "10.42.11.1/24", "10.42.11.2/24")
+	server := podNS(t, "js", "10.42.12.1/24", "10.42.12.2/24")
+	addV6 := func(ns netns.NsHandle, host, pod string, hostCIDR, podCIDR string) {
+		t.Helper()
+		hl, err := netlink.LinkByName(host)
+		must(t, err)
+		ha, _ := netlink.ParseAddr(hostCIDR)
+		ha.Flags = unix.IFA_F_NODAD
+		must(t, netlink.AddrAdd(hl, ha))
+		nh, err := netlink.NewHandleAt(ns)
+		must(t, err)
+		defer nh.Close()
+		pl, err := nh.LinkByName(pod)
+		must(t, err)
+		pa, _ := netlink.ParseAddr(podCIDR)
+		pa.Flags = unix.IFA_F_NODAD
+		must(t, nh.AddrAdd(pl, pa))
+		must(t, nh.RouteAdd(&netlink.Route{Gw: ha.IP, LinkIndex: pl.Attrs().Index}))
+	}
+	addV6(client, "jc", "jcp", "fd42:0:0:1::1/64", "fd42:0:0:1::2/64")
+	addV6(server, "js", "jsp", "fd42:0:0:2::1/64", "fd42:0:0:2::2/64")
+	// As in the IPv4 test: a default route, so that traffic to a ClusterIP
+	// that is not DNATed reaches the forward hook.
+	def := &netlink.Route{Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}, Gw: net.ParseIP("fd42:0:0:2::2")}
+	must(t, netlink.RouteReplace(def))
+	t.Cleanup(func() { _ = netlink.RouteDel(def) })
+
+	ln := inNS(t, server, func() (net.Listener, error) { return net.Listen("tcp", "[fd42:0:0:2::2]:8080") })
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write([]byte(c.RemoteAddr().(*net.TCPAddr).IP.String() + "\n"))
+			c.Close()
+		}
+	}()
+
+	objs := []runtime.Object{
+		service("ns1", "dual", "10.43.0.40", withClusterIPs("10.43.0.40", "fd43::40")),
+		slice("ns1", "dual", "dual-v6", 8080, []ep{{ip: "fd42:0:0:2::2", node: otherNode}}),
+		service("ns1", "empty6", "fd43::41"),
+	}
+	for _, variant := range []string{iptLegacy, iptNFT} {
+		t.Run(variant, func(t *testing.T) {
+			b := realIPT(t, variant)
+			h := newHarness(t, testConfig(), nil, objs...)
+			h.p.ipt = b
+			h.sync()
+			c, err := inNSErr(client, func() (net.Conn, error) { return net.DialTimeout("tcp", "[fd43::40]:80", 3*time.Second) })
+			if err != nil {
+				t.Fatalf("IPv6 ClusterIP: %v", err)
+			}
+			_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+			line, err := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if got := strings.TrimSpace(line); err != nil || got != "fd42:0:0:1::2" {
+				t.Errorf("IPv6 ClusterIP: server saw %q, %v; want fd42:0:0:1::2", got, err)
+			}
+			start := time.Now()
+			_, err = inNSErr(client, func() (net.Conn, error) { return net.DialTimeout("tcp", "[fd43::41]:80", 3*time.Second) })
+			if !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) > time.Second {
+				t.Errorf("IPv6 Service without endpoints: %v after %v; want connection refused at once", err, time.Since(start))
+			}
+		})
 	}
 }
