@@ -1,6 +1,10 @@
 package agent
 
 import (
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+
 	"knit.dev/knit/dns"
 	"knit.dev/knit/ingress"
 	"knit.dev/knit/overlay"
@@ -76,6 +80,12 @@ func buildProxy(a *Agent) (Component, error) {
 func buildLB(a *Agent) (Component, error) {
 	cfg := a.cfg.Component.LB
 	cfg.NodeName = a.cfg.NodeName
+	if a.cfg.Enabled["overlay"] && a.cfg.Component.Overlay.Port > 0 {
+		// A LoadBalancer Service on the VXLAN port would capture the
+		// overlay's traffic between nodes.
+		p := int32(a.cfg.Component.Overlay.Port)
+		cfg.ReservedPorts = append(slices.Clone(cfg.ReservedPorts), lb.PortRange{Protocol: corev1.ProtocolUDP, From: p, To: p})
+	}
 	return lb.New(cfg, lb.Sources{
 		Services:       a.cache.Services(),
 		EndpointSlices: a.cache.EndpointSlices(),

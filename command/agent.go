@@ -56,6 +56,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "lb-class", Value: lb.DefaultClass, Usage: "loadBalancerClass of the Services knit's load balancer serves (it runs with the proxy component); empty turns it off"},
 			&cli.BoolFlag{Name: "lb-default-class", Usage: "the load balancer also serves LoadBalancer Services with no loadBalancerClass"},
 			&cli.IntFlag{Name: "lb-max-nodes", Value: lb.DefaultMaxNodes, Usage: "most nodes listed as one LoadBalancer Service's addresses; 0 lists every eligible node"},
+			&cli.StringFlag{Name: "lb-reserved-ports", Value: lb.FormatPortRanges(lb.DefaultReservedPorts()), Usage: "node ports no LoadBalancer Service may take (PORT[-PORT]/PROTO, comma-separated); the VXLAN port is added"},
 			&cli.StringFlag{Name: "dns-upstream", Usage: "upstream resolvers (comma-separated host:port); default: the node's resolv.conf"},
 			&cli.StringFlag{Name: "dns-resolv-conf", Value: "/etc/resolv.conf", Usage: "resolv.conf to take upstreams from"},
 			&cli.StringFlag{Name: "ingress-http-addr", Value: ":80"},
@@ -129,6 +130,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	comp.LB.Class = c.String("lb-class")
 	comp.LB.DefaultClass = c.Bool("lb-default-class")
 	comp.LB.MaxNodes = c.Int("lb-max-nodes")
+	if comp.LB.ReservedPorts, err = lb.ParsePortRanges(c.String("lb-reserved-ports")); err != nil {
+		return cfg, fmt.Errorf("--lb-reserved-ports: %w", err)
+	}
 	comp.DNS = dns.DefaultConfig()
 	comp.DNS.Upstreams = splitList(c.String("dns-upstream"))
 	comp.DNS.ResolvConf = c.String("dns-resolv-conf")

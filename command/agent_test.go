@@ -2,6 +2,7 @@ package command
 
 import (
 	"io"
+	"strings"
 	"testing"
 
 	"github.com/urfave/cli/v2"
@@ -37,12 +38,14 @@ func TestLoadBalancerFlags(t *testing.T) {
 		class        string
 		defaultClass bool
 		maxNodes     int
+		reserved     string
 	}{
-		{"defaults", nil, true, lb.DefaultClass, false, lb.DefaultMaxNodes},
-		{"with the proxy only", []string{"--components=proxy"}, true, lb.DefaultClass, false, lb.DefaultMaxNodes},
-		{"without the proxy", []string{"--components=dns"}, false, lb.DefaultClass, false, lb.DefaultMaxNodes},
-		{"turned off", []string{"--lb-class="}, false, "", false, lb.DefaultMaxNodes},
-		{"settings", []string{"--lb-class=example.com/edge", "--lb-default-class", "--lb-max-nodes=0"}, true, "example.com/edge", true, 0},
+		{"defaults", nil, true, lb.DefaultClass, false, lb.DefaultMaxNodes, lb.FormatPortRanges(lb.DefaultReservedPorts())},
+		{"with the proxy only", []string{"--components=proxy"}, true, lb.DefaultClass, false, lb.DefaultMaxNodes, ""},
+		{"without the proxy", []string{"--components=dns"}, false, lb.DefaultClass, false, lb.DefaultMaxNodes, ""},
+		{"turned off", []string{"--lb-class="}, false, "", false, lb.DefaultMaxNodes, ""},
+		{"settings", []string{"--lb-class=example.com/edge", "--lb-default-class", "--lb-max-nodes=0", "--lb-reserved-ports=22/tcp, 1000-1999/udp"},
+			true, "example.com/edge", true, 0, "22/tcp,1000-1999/udp"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg, err := parseAgent(t, tt.args...)
@@ -50,10 +53,21 @@ func TestLoadBalancerFlags(t *testing.T) {
 				t.Fatal(err)
 			}
 			got := cfg.Component.LB
+			if tt.reserved != "" && lb.FormatPortRanges(got.ReservedPorts) != tt.reserved {
+				t.Errorf("reserved ports %s, want %s", lb.FormatPortRanges(got.ReservedPorts), tt.reserved)
+			}
 			if cfg.Enabled["lb"] != tt.enabled || got.Class != tt.class || got.DefaultClass != tt.defaultClass || got.MaxNodes != tt.maxNodes {
 				t.Errorf("lb enabled %v, config %+v; want enabled %v, class %q, default class %v, max nodes %d",
 					cfg.Enabled["lb"], got, tt.enabled, tt.class, tt.defaultClass, tt.maxNodes)
 			}
 		})
+	}
+}
+
+func TestLoadBalancerFlagErrors(t *testing.T) {
+	for _, arg := range []string{"--lb-reserved-ports=22", "--lb-reserved-ports=22/icmp", "--lb-reserved-ports=9-1/tcp", "--lb-reserved-ports=0/tcp"} {
+		if _, err := parseAgent(t, arg); err == nil || !strings.Contains(err.Error(), "--lb-reserved-ports") {
+			t.Errorf("%s: %v, want an error naming the flag", arg, err)
+		}
 	}
 }

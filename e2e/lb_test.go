@@ -97,8 +97,8 @@ func lbHolder(ctx context.Context, c *lab.Cluster) (string, error) {
 // LoadBalancer Services of knit's class get node addresses, reachable from
 // outside the cluster (the sandbox root); externalTrafficPolicy Local lists
 // only nodes with a ready endpoint, keeps the client address and follows
-// endpoint moves; other classes are left alone; killing the Lease holder's
-// agent hands the writing over.
+// endpoint moves; a port taken or reserved gets no address; other classes
+// are left alone; killing the Lease holder's agent hands the writing over.
 func TestLoadBalancer(t *testing.T) {
 	c := cluster(t)
 	ns := namespace(t, c, "lb-e2e")
@@ -227,6 +227,25 @@ func TestLoadBalancer(t *testing.T) {
 		// there (that port has no rule and no listener).
 		if r, err := httpEcho("/proc/self/ns/net", hostport(n1.IP, lbPort)); err == nil {
 			t.Errorf("outside -> node1 after the move answered: %+v", r)
+		}
+	})
+
+	t.Run("reserved port refused", func(t *testing.T) {
+		// 22 (SSH) is reserved: taking it on node addresses would cut
+		// the nodes off.
+		create(lbService(ns, "lbssh", "lbbe", knitClass, false, 22))
+		if err := eventually(10*time.Second, func() error {
+			ips, svc, err := lbIPs(ctx, c, ns, "lbssh")
+			if err != nil {
+				return err
+			}
+			cond := meta.FindStatusCondition(svc.Status.Conditions, lb.ConditionType)
+			if ips != "" || cond == nil || cond.Reason != lb.ReasonReservedPort {
+				return fmt.Errorf("IPs %q, condition %+v", ips, cond)
+			}
+			return nil
+		}); err != nil {
+			t.Errorf("Service on port 22: %v; want no IPs and reason %s", err, lb.ReasonReservedPort)
 		}
 	})
 

@@ -21,6 +21,7 @@ const (
 	ReasonNodesChosen  = "NodesChosen"
 	ReasonNoNodes      = "NoEligibleNodes"
 	ReasonPortConflict = "PortConflict"
+	ReasonReservedPort = "ReservedPort"
 )
 
 // candidate is a node that can serve LoadBalancer traffic.

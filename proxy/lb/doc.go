@@ -77,8 +77,13 @@
 // # Ports on node addresses
 //
 // Because the addresses are the nodes' own, a LoadBalancer Service's ports
-// take those ports on the listed node addresses for traffic from outside:
-// the proxy's DNAT comes before any local socket. A Service on port 80 or
-// 443 hides knit's ingress (or any host listener) on the nodes it is
-// listed on.
+// take those ports on the listed node addresses for all traffic to them,
+// from outside and from inside the cluster: the proxy's DNAT comes before
+// any local socket. A Service on port 80 or 443 hides knit's ingress (or
+// any host listener) on the nodes it is listed on. Ports of the nodes' own
+// services (Config.ReservedPorts: SSH, etcd, the API server, the kubelet,
+// VXLAN, WireGuard, the agent's health port; the agent adds its VXLAN
+// port) are never taken: a Service asking for one gets no address and the
+// condition reason ReservedPort, so that a Service cannot cut the nodes
+// off or break the overlay.
 package lb

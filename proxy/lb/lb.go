@@ -49,6 +49,9 @@ type Config struct {
 	// MaxNodes caps the nodes listed per Service; 0 lists every eligible
 	// node (see the package doc for why there is a cap).
 	MaxNodes int
+	// ReservedPorts are node ports a Service may not take (see
+	// DefaultReservedPorts); a Service asking for one gets no address.
+	ReservedPorts []PortRange
 	// NodeName identifies this agent in the Lease.
 	NodeName string
 	// LeaseNamespace and LeaseName name the Lease that elects the one
@@ -65,7 +68,7 @@ type Config struct {
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Class: DefaultClass, MaxNodes: DefaultMaxNodes}
+	return Config{Class: DefaultClass, MaxNodes: DefaultMaxNodes, ReservedPorts: DefaultReservedPorts()}
 }
 
 func (c *Config) defaults() error {
@@ -424,7 +427,12 @@ func (c *Controller) sync(ctx context.Context) bool {
 				continue
 			}
 		}
-		p := choose(svc, cands, eps, c.cfg.MaxNodes, held)
+		var p plan
+		if why, bad := reservedPort(svc, c.cfg.ReservedPorts); bad {
+			p = reservedPlan(svc, why)
+		} else {
+			p = choose(svc, cands, eps, c.cfg.MaxNodes, held)
+		}
 		// The Service's slots move from what it lists to what it gets.
 		for s, hs := range holders {
 			if hs[k] {
