@@ -2,14 +2,17 @@ package e2e
 
 // End-to-end proofs of the service proxy beyond service_test.go: a UDP
 // client moves to a live endpoint within a second of its endpoint going
-// away (stale conntrack entries deleted), and scaling endpoints up and down
-// under a steady stream of requests fails none of them.
+// away (stale conntrack entries deleted), a UDP client of a Service without
+// endpoints is answered within a second of the first one appearing, and
+// scaling endpoints up and down under a steady stream of requests fails
+// none of them.
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -47,69 +50,17 @@ func TestServiceUDPFailover(t *testing.T) {
 		t.Fatalf("UDP %s before the test: %v", addr, err)
 	}
 
-	conn, err := lab.DialFrom(ctx, lab.PodNetns(client), "udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	// answers records who answered each datagram, with the time.
-	type answer struct {
-		at  time.Time
-		pod string
-	}
-	var mu sync.Mutex
-	var answers []answer
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 2048)
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			_ = conn.SetDeadline(time.Now().Add(100 * time.Millisecond))
-			if _, err := conn.Write([]byte(fmt.Sprint(i))); err != nil {
-				time.Sleep(20 * time.Millisecond) // ICMP unreachable surfaces here
-				continue
-			}
-			n, err := conn.Read(buf)
-			if err == nil {
-				pod, _, _ := strings.Cut(string(buf[:n]), " ")
-				mu.Lock()
-				answers = append(answers, answer{time.Now(), pod})
-				mu.Unlock()
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}()
-	defer func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-		}
-		<-done
-	}()
-	stuckTo := func() string {
-		mu.Lock()
-		defer mu.Unlock()
-		if len(answers) == 0 {
-			return ""
-		}
-		return answers[len(answers)-1].pod
-	}
+	u := startUDPStream(t, lab.PodNetns(client), addr)
+	defer u.stop()
 	if err := eventually(3*time.Second, func() error {
-		if stuckTo() == "" {
+		if u.last() == "" {
 			return errors.New("no answer yet")
 		}
 		return nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	old := stuckTo()
+	old := u.last()
 	var other string
 	for _, p := range pods {
 		if p.Name != old {
@@ -144,22 +95,11 @@ func TestServiceUDPFailover(t *testing.T) {
 		}
 	}
 	// Wait for the first answer from the other endpoint.
-	var moved time.Time
-	if err := eventually(5*time.Second, func() error {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, a := range answers {
-			if a.pod == other && a.at.After(deleted) {
-				moved = a.at
-				return nil
-			}
-		}
-		return errors.New("no answer from " + other)
-	}); err != nil {
+	moved, ok := u.firstFrom(other, deleted, 5*time.Second)
+	if !ok {
 		t.Fatalf("UDP client never moved to %s after %s was deleted", other, old)
 	}
-	close(stop)
-	<-done
+	u.stop()
 	// gone was seen by polling; the slice changed up to one poll earlier.
 	took := moved.Sub(gone)
 	t.Logf("endpoint left the ready set %v after the delete; client answered by %s %v after that (%v after the delete)",
@@ -167,14 +107,145 @@ func TestServiceUDPFailover(t *testing.T) {
 	if took > time.Second {
 		t.Errorf("UDP client moved %v after its endpoint went away, want <= 1s", took)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	for _, a := range answers {
+	for _, a := range u.all() {
 		if a.at.After(moved) && a.pod != other {
 			t.Errorf("answered by %s after moving to %s", a.pod, other)
 			break
 		}
 	}
+}
+
+// TestServiceUDPFirstEndpoint: a UDP client sends to a ClusterIP that has
+// no endpoint yet (each datagram is refused), then one appears: the client
+// must be answered within 1 s of the endpoint becoming ready, on the same
+// socket (no conntrack entry without DNAT may outlive the change).
+func TestServiceUDPFirstEndpoint(t *testing.T) {
+	c := cluster(t)
+	ns := namespace(t, c, "svc-udp-first")
+	ctx := context.Background()
+	client := echoPods(t, c, ns, "udpclient", c.Nodes[0].Name)[0]
+	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "late", "late"), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // every node programs the Service (reject: no endpoints)
+	u := startUDPStream(t, lab.PodNetns(client), hostport(svc.Spec.ClusterIP, 9001))
+	defer u.stop()
+	time.Sleep(time.Second)
+	if got := u.last(); got != "" {
+		t.Fatalf("answered by %q before any endpoint existed", got)
+	}
+	pod, err := c.Client.CoreV1().Pods(ns).Create(ctx, lab.EchoPod(ns, "late-0", c.Nodes[1].Name, map[string]string{"app": "late"}), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ready time.Time
+	for deadline := time.Now().Add(90 * time.Second); ready.IsZero(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the endpoint never became ready")
+		}
+		if ips, err := c.ReadyEndpointIPs(ctx, ns, "late"); err == nil && len(ips) == 1 {
+			ready = time.Now()
+		}
+	}
+	at, ok := u.firstFrom(pod.Name, time.Time{}, 5*time.Second)
+	if !ok {
+		t.Fatalf("UDP client never answered by %s after it became an endpoint", pod.Name)
+	}
+	t.Logf("first answer %v after the endpoint was seen ready", at.Sub(ready).Round(time.Millisecond))
+	if at.Sub(ready) > time.Second {
+		t.Errorf("first answer %v after the endpoint was ready, want <= 1s", at.Sub(ready))
+	}
+}
+
+// udpStream sends a datagram every 20 ms on one UDP socket (one conntrack
+// entry) and records who answered, as the echo server prefixes its name.
+type udpStream struct {
+	conn    net.Conn
+	mu      sync.Mutex
+	answers []udpAnswer
+	done    chan struct{}
+	once    sync.Once
+	quit    chan struct{}
+}
+
+type udpAnswer struct {
+	at  time.Time
+	pod string
+}
+
+func startUDPStream(t *testing.T, netns, addr string) *udpStream {
+	t.Helper()
+	conn, err := lab.DialFrom(context.Background(), netns, "udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &udpStream{conn: conn, done: make(chan struct{}), quit: make(chan struct{})}
+	go func() {
+		defer close(u.done)
+		buf := make([]byte, 2048)
+		for i := 0; ; i++ {
+			select {
+			case <-u.quit:
+				return
+			default:
+			}
+			_ = conn.SetDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, err := conn.Write([]byte(fmt.Sprint(i))); err != nil {
+				time.Sleep(20 * time.Millisecond) // ICMP unreachable surfaces here
+				continue
+			}
+			if n, err := conn.Read(buf); err == nil {
+				pod, _, _ := strings.Cut(string(buf[:n]), " ")
+				u.mu.Lock()
+				u.answers = append(u.answers, udpAnswer{time.Now(), pod})
+				u.mu.Unlock()
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return u
+}
+
+// stop ends the stream (idempotent).
+func (u *udpStream) stop() {
+	u.once.Do(func() {
+		close(u.quit)
+		<-u.done
+		u.conn.Close()
+	})
+}
+
+// last is the pod of the latest answer ("" before any).
+func (u *udpStream) last() string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.answers) == 0 {
+		return ""
+	}
+	return u.answers[len(u.answers)-1].pod
+}
+
+func (u *udpStream) all() []udpAnswer {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return slices.Clone(u.answers)
+}
+
+// firstFrom waits up to d for an answer from pod after the time after and
+// returns when it came.
+func (u *udpStream) firstFrom(pod string, after time.Time, d time.Duration) (time.Time, bool) {
+	var at time.Time
+	err := eventually(d, func() error {
+		for _, a := range u.all() {
+			if a.pod == pod && a.at.After(after) {
+				at = a.at
+				return nil
+			}
+		}
+		return errors.New("no answer from " + pod)
+	})
+	return at, err == nil
 }
 
 // TestServiceScaleUnderLoad: clients on a node, in a pod and outside the
