@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,6 +26,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/containernetworking/plugins/pkg/ns"
 
 	"knit.dev/knit/lab"
 	"knit.dev/knit/lab/cp"
@@ -53,6 +56,18 @@ const (
 	proxyTargetAdd       = 50 * time.Millisecond
 )
 
+// First-packet latency (issue 5, part 3): proxyLatServices Services whose
+// one endpoint is a listener in the sandbox root (the underlay bridge's
+// address, outside both proxies' nodes), dialled proxyLatDials times from
+// each proxy's node netns with 10 and with 10,000 Services programmed.
+const (
+	proxyLatServices = 10
+	proxyLatPort     = 18080
+	proxyLatDials    = 2000
+	proxyLatBatch    = 100 // dials per side before switching sides
+	proxyLatTarget   = 1.2 // p99 at 10,000 Services / p99 at 10
+)
+
 // proxySide is one proxy under test, in its own node netns.
 type proxySide struct {
 	name    string
@@ -69,6 +84,8 @@ type proxySide struct {
 	rss        int64 // KiB, after the first full sync
 	rssEnd     int64
 	added      []time.Duration
+	lat10      []time.Duration // first-packet (TCP connect) latency, 10 Services
+	lat10k     []time.Duration // the same with 10,000 more
 	partial    string
 	cmd        *exec.Cmd
 }
@@ -81,13 +98,18 @@ type proxySide struct {
 //	  netns node2: kube-proxy --proxy-mode=nftables   (table ip kube-proxy)
 //	  netns node3: kube-proxy --proxy-mode=iptables   (afterwards, alone, capped)
 //
-// The Services and their EndpointSlices are written before either proxy
-// starts; both start together and are timed from process start until their
-// service-ips map (KUBE-SERVICES chain for iptables) holds every Service.
-// Then proxyAdded Services are added one at a time and timed from the
-// EndpointSlice write returning until `nft monitor` in each netns shows the
-// ClusterIP's service-ips element. First full sync duration comes from each
-// proxy's own metric, RSS from /proc. Targets missed are reported, not
+// First, with only proxyLatServices Services (one endpoint each: a listener
+// on the underlay bridge in the sandbox root), both nftables proxies are
+// started, and TCP connects from each node netns to those ClusterIPs time
+// the first packet of a connection; then both are stopped and their tables
+// deleted. The 10,000 Services and their EndpointSlices are written before
+// either proxy starts again; both start together and are timed from process
+// start until their service-ips map (KUBE-SERVICES chain for iptables)
+// holds every Service. The first-packet latency is measured again at that
+// scale. Then proxyAdded Services are added one at a time and timed from
+// the EndpointSlice write returning until `nft monitor` in each netns shows
+// the ClusterIP's service-ips element. First full sync duration comes from
+// each proxy's own metric, RSS from /proc. Targets missed are reported, not
 // failed.
 //
 //	go test -run '^$' -bench BenchmarkProxy -benchtime 1x -timeout 60m ./bench/
@@ -135,13 +157,19 @@ func BenchmarkProxy(b *testing.B) {
 	if err := cl.EnsureNamespace(ctx, proxyNamespace); err != nil {
 		b.Fatal(err)
 	}
-	b.ResetTimer()
-	t0 := time.Now()
-	if err := proxyWriteAll(ctx, client); err != nil {
+	// Part 3 first, at 10 Services: both proxies programmed, first
+	// packets timed, then both stopped and their tables deleted so that
+	// the 10,000-Service start below is from scratch again.
+	stopLn, err := proxyLatencyListener()
+	if err != nil {
 		b.Fatal(err)
 	}
-	written := time.Since(t0)
-	target := base + proxyServices
+	defer stopLn()
+	latIPs, err := proxyCreateLatencyServices(ctx, client)
+	if err != nil {
+		b.Fatal(err)
+	}
+	base += proxyLatServices
 
 	knit := &proxySide{name: "knit", node: n1, metrics: n1.HealthURL() + "/metrics", count: knitCount,
 		pid: n1.AgentPID, fullSum: `knit_proxy_sync_duration_seconds_%s{kind="full"}`,
@@ -153,6 +181,33 @@ func BenchmarkProxy(b *testing.B) {
 		fullSum: `kubeproxy_sync_full_proxy_rules_duration_seconds_%s{ip_family="IPv4"}`,
 		partSum: `kubeproxy_sync_partial_proxy_rules_duration_seconds_%s{ip_family="IPv4"}`}
 	nftKP.pid = func() int { return nftKP.cmd.Process.Pid }
+	if err := n1.StartAgent(); err != nil {
+		b.Fatal(err)
+	}
+	if nftKP.cmd, err = proxyKubeProxy(cpBin, cl, n2, "nftables"); err != nil {
+		b.Fatal(err)
+	}
+	for _, s := range []*proxySide{knit, nftKP} {
+		if err := proxyWaitCount(ctx, s, base, 2*time.Minute); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := proxyMeasureLatency(ctx, []*proxySide{knit, nftKP}, latIPs, func(s *proxySide) *[]time.Duration { return &s.lat10 }); err != nil {
+		b.Fatal(err)
+	}
+	n1.StopAgent()
+	proxyStop(nftKP.cmd)
+	_, _ = n1.Exec(ctx, "nft", "delete", "table", "inet", "knit-proxy")
+	_, _ = n2.Exec(ctx, "nft", "delete", "table", "ip", "kube-proxy")
+	_, _ = n2.Exec(ctx, "nft", "delete", "table", "ip6", "kube-proxy")
+
+	b.ResetTimer()
+	t0 := time.Now()
+	if err := proxyWriteAll(ctx, client); err != nil {
+		b.Fatal(err)
+	}
+	written := time.Since(t0)
+	target := base + proxyServices
 
 	// Start both together and wait for both.
 	knit.started = time.Now()
@@ -172,11 +227,15 @@ func BenchmarkProxy(b *testing.B) {
 		b.Fatalf("knit did not program %d Services within %v (log: %s)", target, proxyProgramTimeout, filepath.Join(n1.Dir, "agent.log"))
 	}
 
-	// One added Service at a time, watched by both.
 	sides := []*proxySide{knit}
 	if nftKP.programmed > 0 {
 		sides = append(sides, nftKP)
 	}
+	if err := proxyMeasureLatency(ctx, sides, latIPs, func(s *proxySide) *[]time.Duration { return &s.lat10k }); err != nil {
+		b.Fatal(err)
+	}
+
+	// One added Service at a time, watched by both.
 	before := map[*proxySide][2]float64{}
 	for _, s := range sides {
 		sum, count := s.histogram(s.partSum)
@@ -285,6 +344,113 @@ func proxyCreate(ctx context.Context, client kubernetes.Interface, name string, 
 		return "", fmt.Errorf("endpointslice %s: %w", name, err)
 	}
 	return svc.Spec.ClusterIP, nil
+}
+
+// proxyLatencyListener accepts and closes TCP connections on the underlay
+// bridge's address in the sandbox root: the endpoint of the latency
+// Services, one veth hop from each proxy's node.
+func proxyLatencyListener() (stop func(), err error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(sandbox.ControlPlaneIP, strconv.Itoa(proxyLatPort)))
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return func() { ln.Close() }, nil
+}
+
+// proxyCreateLatencyServices writes the latency Services (port 80, one
+// endpoint: the listener) and returns their ClusterIPs.
+func proxyCreateLatencyServices(ctx context.Context, client kubernetes.Interface) ([]string, error) {
+	var ips []string
+	for i := range proxyLatServices {
+		name := fmt.Sprintf("lat-%02d", i)
+		svc, err := client.CoreV1().Services(proxyNamespace).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{
+				Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(proxyLatPort)}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("service %s: %w", name, err)
+		}
+		_, err = client.DiscoveryV1().EndpointSlices(proxyNamespace).Create(ctx, &discoveryv1.EndpointSlice{
+			ObjectMeta: metav1.ObjectMeta{Name: name + "-bench", Labels: map[string]string{
+				discoveryv1.LabelServiceName: name,
+				discoveryv1.LabelManagedBy:   proxyManagedBy,
+			}},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Endpoints: []discoveryv1.Endpoint{{
+				Addresses:  []string{sandbox.ControlPlaneIP},
+				Conditions: discoveryv1.EndpointConditions{Ready: new(true)},
+			}},
+			Ports: []discoveryv1.EndpointPort{{Name: new(""), Protocol: new(corev1.ProtocolTCP), Port: new(int32(proxyLatPort))}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("endpointslice %s: %w", name, err)
+		}
+		ips = append(ips, svc.Spec.ClusterIP)
+	}
+	return ips, nil
+}
+
+// proxyWaitCount waits until the side has programmed want Services.
+func proxyWaitCount(ctx context.Context, s *proxySide, want int, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		if n, err := s.count(ctx); err == nil && n >= want {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("%s: %d Services not programmed within %v", s.name, want, limit)
+}
+
+// proxyMeasureLatency times proxyLatDials TCP connects per side from the
+// side's node netns to the latency Services' ClusterIPs (round robin): the
+// connect returns when the SYN-ACK is back, so it times the first packet's
+// trip through the proxy's rules (a new conntrack entry, DNAT, masquerade)
+// and back. The sides take turns in batches so that both see the same
+// machine load. A few uncounted dials first warm ARP and the route.
+func proxyMeasureLatency(ctx context.Context, sides []*proxySide, ips []string, into func(*proxySide) *[]time.Duration) error {
+	dial := func(s *proxySide, n int, keep bool, from int) error {
+		return ns.WithNetNSPath(s.node.Netns(), func(ns.NetNS) error {
+			for i := range n {
+				addr := net.JoinHostPort(ips[(from+i)%len(ips)], "80")
+				t0 := time.Now()
+				c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+				d := time.Since(t0)
+				if err != nil {
+					return fmt.Errorf("%s: dial %s: %w", s.name, addr, err)
+				}
+				_ = c.(*net.TCPConn).SetLinger(0) // RST: no TIME_WAIT pile-up
+				c.Close()
+				if keep {
+					*into(s) = append(*into(s), d)
+				}
+			}
+			return nil
+		})
+	}
+	for _, s := range sides {
+		if err := dial(s, 20, false, 0); err != nil {
+			return err
+		}
+	}
+	for k := 0; k < proxyLatDials; k += proxyLatBatch {
+		for _, s := range sides {
+			if err := dial(s, proxyLatBatch, true, k); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // proxyKubeProxy starts kube-proxy (the control plane build, v1.37.2) in
@@ -565,6 +731,29 @@ func proxyReport(knit, nft, ipt *proxySide, written time.Duration, apiWrites []t
 			proxyRatio(float64(a), float64(c)))
 	}
 	fmt.Fprintf(w, "partial sync (own metric, mean)\t%s\t%s\t\t-\n", knit.partial, nft.partial)
+	us := func(d time.Duration) string { return fmt.Sprintf("%.0f us", float64(d)/1e3) }
+	for _, q := range []struct {
+		name string
+		lat  func(*proxySide) []time.Duration
+		p    float64
+	}{
+		{"first packet p50, 10 Services", func(s *proxySide) []time.Duration { return s.lat10 }, 0.5},
+		{"first packet p99, 10 Services", func(s *proxySide) []time.Duration { return s.lat10 }, 0.99},
+		{"first packet p50, 10,000 Services", func(s *proxySide) []time.Duration { return s.lat10k }, 0.5},
+		{"first packet p99, 10,000 Services", func(s *proxySide) []time.Duration { return s.lat10k }, 0.99},
+	} {
+		a, c := proxyPct(q.lat(knit), q.p), proxyPct(q.lat(nft), q.p)
+		fmt.Fprintf(w, "%s (n=%d/%d)\t%s\t%s\t%s\t-\n", q.name, len(q.lat(knit)), len(q.lat(nft)), us(a), us(c),
+			proxyRatio(float64(a), float64(c)))
+	}
+	flat := func(s *proxySide) string {
+		a, b := proxyPct(s.lat10, 0.99), proxyPct(s.lat10k, 0.99)
+		if a == 0 || b == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2fx", float64(b)/float64(a))
+	}
+	fmt.Fprintf(w, "first packet p99 10,000 / 10 Services\t%s\t%s\t\t-\n", flat(knit), flat(nft))
 	fmt.Fprintf(w, "RSS after first sync\t%d MB\t%d MB\t%s\t%d MB\n", knit.rss/1024, nft.rss/1024,
 		proxyRatio(float64(knit.rss), float64(nft.rss)), ipt.rss/1024)
 	fmt.Fprintf(w, "RSS at end\t%d MB\t%d MB\t%s\t%d MB\n", knit.rssEnd/1024, nft.rssEnd/1024,
@@ -574,6 +763,11 @@ func proxyReport(knit, nft, ipt *proxySide, written time.Duration, apiWrites []t
 	if p := proxyPct(knit.added, 0.99); p > proxyTargetAdd || len(knit.added) < proxyAdded {
 		verdict = "MISSED"
 	}
-	fmt.Fprintf(&sb, "target: knit added Service p99 <= %v: %s; wall %.0f s\n", proxyTargetAdd, verdict, wall.Seconds())
+	flatVerdict := "met"
+	if a, b := proxyPct(knit.lat10, 0.99), proxyPct(knit.lat10k, 0.99); a == 0 || b == 0 || float64(b) > proxyLatTarget*float64(a) {
+		flatVerdict = "MISSED"
+	}
+	fmt.Fprintf(&sb, "target: knit added Service p99 <= %v: %s; first packet p99 at 10,000 within %.1fx of 10: %s; wall %.0f s\n",
+		proxyTargetAdd, verdict, proxyLatTarget, flatVerdict, wall.Seconds())
 	return sb.String()
 }
