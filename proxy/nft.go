@@ -53,10 +53,12 @@ type nftBackend struct {
 
 	// applied state, valid while !dirty.
 	renders map[types.NamespacedName]*svcRender
-	// claims: element id -> Services wanting it (usually one). The first
-	// claimant in name order owns the element; others are conflicts.
-	claims  map[string][]claim
-	applied map[string]element // element id -> element in the kernel
+	// applied: element id -> the element in the kernel and the Service
+	// whose claim it is. conflicts: for the rare id that more than one
+	// Service claims (the same externalIP, say), every claim; the first
+	// claimant in name order owns the element (see winner).
+	applied   map[string]owned
+	conflicts map[string][]claim
 	// stale: service chains flushed and waiting to be deleted.
 	stale map[string]time.Time
 	// pickUsers counts the Service ports using each shared pick chain; a
@@ -80,13 +82,20 @@ type claim struct {
 	el  element
 }
 
+// owned is an element in the kernel and the Service it belongs to (zero
+// for the table's fixed elements).
+type owned struct {
+	el  element
+	svc types.NamespacedName
+}
+
 func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
 	return &nftBackend{
 		nft:             nft,
 		log:             log,
 		renders:         map[types.NamespacedName]*svcRender{},
-		claims:          map[string][]claim{},
-		applied:         map[string]element{},
+		applied:         map[string]owned{},
+		conflicts:       map[string][]claim{},
 		stale:           map[string]time.Time{},
 		pickUsers:       map[string]int{},
 		counts:          map[string]int{},
@@ -159,15 +168,33 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 	}
 
 	renders := make(map[types.NamespacedName]*svcRender, len(st.services))
-	claims := make(map[string][]claim, len(st.services)*4)
 	names := sortedNames(st.services)
+	n := 0
 	for _, name := range names {
 		rd := r.renderService(name, st.services[name], st.endpoints[name])
 		renders[name] = rd
-		for _, el := range rd.elements {
+		n += len(rd.elements)
+	}
+	applied := make(map[string]owned, n+16)
+	conflicts := map[string][]claim{}
+	ids := make([]string, 0, n)
+	for _, name := range names {
+		for _, el := range renders[name].elements {
 			id := el.id()
-			claims[id] = append(claims[id], claim{svc: name, el: el})
+			if prev, ok := applied[id]; ok {
+				if conflicts[id] == nil {
+					conflicts[id] = []claim{{svc: prev.svc, el: prev.el}}
+				}
+				conflicts[id] = append(conflicts[id], claim{svc: name, el: el})
+				continue
+			}
+			applied[id] = owned{el: el, svc: name}
+			ids = append(ids, id)
 		}
+	}
+	for id, cl := range conflicts {
+		w := b.winner(id, cl)
+		applied[id] = owned{el: w.el, svc: w.svc}
 	}
 	picks := map[string]chain{}
 	pickUsers := map[string]int{}
@@ -289,20 +316,14 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 			addRules(tx, c)
 		}
 	}
-	applied := make(map[string]element, len(claims)+len(staticElems))
 	for _, el := range staticElems {
 		tx.Add(el.object())
-		applied[el.id()] = el
-	}
-	ids := make([]string, 0, len(claims))
-	for id := range claims {
-		ids = append(ids, id)
+		applied[el.id()] = owned{el: el}
 	}
 	slices.Sort(ids) // a stable transaction, for tests and for reading
 	for _, id := range ids {
-		el := b.winner(id, claims[id])
-		tx.Add(el.object())
-		applied[id] = el
+		o := applied[id]
+		tx.Add(o.el.object())
 	}
 	for _, s := range existing["set"] {
 		if isServiceObject(s) && !desired[s] {
@@ -325,11 +346,11 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 	}
 	b.resetBaseChains = false
 	b.staticRules = staticRules
-	b.renders, b.claims, b.applied, b.staticElems = renders, claims, applied, staticElems
+	b.renders, b.applied, b.conflicts, b.staticElems = renders, applied, conflicts, staticElems
 	b.pickUsers = pickUsers
 	clear(b.counts)
-	for _, el := range applied {
-		b.counts[el.container]++
+	for _, o := range applied {
+		b.counts[o.el.container]++
 	}
 	b.svcRules, b.noLoc = 0, 0
 	for _, rd := range renders {
@@ -460,10 +481,14 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	newClaims := map[string][]claim{}
 	for id := range touched {
 		var cl []claim
-		for _, c := range b.claims[id] {
-			if !changed[c.svc] {
-				cl = append(cl, c)
+		if cs, ok := b.conflicts[id]; ok {
+			for _, c := range cs {
+				if !changed[c.svc] {
+					cl = append(cl, c)
+				}
 			}
+		} else if cur, ok := b.applied[id]; ok && !changed[cur.svc] {
+			cl = []claim{{svc: cur.svc, el: cur.el}}
 		}
 		newClaims[id] = cl
 	}
@@ -476,28 +501,28 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 			newClaims[id] = append(newClaims[id], claim{svc: name, el: el})
 		}
 	}
-	newApplied := map[string]*element{}
+	newApplied := map[string]*owned{} // nil: deleted
 	var adds []element
 	for id, cl := range newClaims {
 		cur, inKernel := b.applied[id]
 		if len(cl) == 0 {
 			if inKernel {
-				if !deletedMaps[cur.container] { // else it goes with its map
-					tx.Delete(cur.object())
+				if !deletedMaps[cur.el.container] { // else it goes with its map
+					tx.Delete(cur.el.object())
 				}
 				newApplied[id] = nil
 			}
 			continue
 		}
-		want := b.winner(id, cl)
-		if inKernel && cur.value == want.value && cur.comment == want.comment {
-			continue
+		w := b.winner(id, cl)
+		newApplied[id] = &owned{el: w.el, svc: w.svc}
+		if inKernel && cur.el.value == w.el.value && cur.el.comment == w.el.comment {
+			continue // the owner may change; the kernel need not
 		}
 		if inKernel {
-			tx.Delete(cur.object())
+			tx.Delete(cur.el.object())
 		}
-		adds = append(adds, want)
-		newApplied[id] = &want
+		adds = append(adds, w.el)
 	}
 	slices.SortFunc(adds, func(a, b element) int { return strings.Compare(a.id(), b.id()) })
 	for _, el := range adds {
@@ -538,23 +563,23 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		}
 	}
 	for id, cl := range newClaims {
-		if len(cl) == 0 {
-			delete(b.claims, id)
+		if len(cl) > 1 {
+			b.conflicts[id] = cl
 		} else {
-			b.claims[id] = cl
+			delete(b.conflicts, id)
 		}
 	}
-	for id, el := range newApplied {
+	for id, o := range newApplied {
 		old, had := b.applied[id]
 		switch {
-		case el == nil:
-			b.counts[old.container]--
+		case o == nil:
+			b.counts[old.el.container]--
 			delete(b.applied, id)
 		case !had:
-			b.counts[el.container]++
-			b.applied[id] = *el
+			b.counts[o.el.container]++
+			b.applied[id] = *o
 		default:
-			b.applied[id] = *el
+			b.applied[id] = *o
 		}
 	}
 	return b.result(), nil
@@ -563,7 +588,7 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 // winner picks the claimant that owns an element: the first Service in
 // name order. Two Services claiming one address and port is a user error
 // (for example the same externalIP); it is logged, not fatal.
-func (b *nftBackend) winner(id string, cl []claim) element {
+func (b *nftBackend) winner(id string, cl []claim) claim {
 	w := cl[0]
 	for _, c := range cl[1:] {
 		if c.svc.String() < w.svc.String() {
@@ -579,7 +604,7 @@ func (b *nftBackend) winner(id string, cl []claim) element {
 			}
 		}
 	}
-	return w.el
+	return w
 }
 
 // result reports the applied table, from the counts kept up to date.
