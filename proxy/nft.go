@@ -108,6 +108,12 @@ func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
 // nft's own listing prints the whole table (seconds at 10,000 Services).
 func (b *nftBackend) listAll(ctx context.Context) (map[string][]string, error) {
 	if b.lister != nil {
+		// The netlink lister fails on a missing table with an error that
+		// only says "no such file or directory" in its text; chains are
+		// listed per family, so no chain of ours means no table yet.
+		if chains, err := b.lister.List(ctx, "chain"); err == nil && len(chains) == 0 {
+			return map[string][]string{}, nil
+		}
 		all, err := b.lister.ListAll(ctx)
 		if err == nil || knftables.IsNotFound(err) {
 			return all, nil
