@@ -184,6 +184,9 @@ func newNFT() (nft, lister knftables.Interface, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	if nft, err = newBatchingNFT(nft); err != nil {
+		return nil, nil, err
+	}
 	lister, err = knftables.New(knftables.InetFamily, tableName, knftables.UseNetlink)
 	if err != nil {
 		lister = nil
