@@ -172,7 +172,7 @@ func TestManifestRBAC(t *testing.T) {
 		{"watch", "discovery.k8s.io", "endpointslices", "", "", "", true},
 		{"list", "networking.k8s.io", "ingresses", "", "", "", true},
 		{"watch", "networking.k8s.io", "ingressclasses", "", "", "", true},
-		{"update", "networking.k8s.io", "ingresses", "status", "default", "web", true},
+		{"patch", "networking.k8s.io", "ingresses", "status", "default", "web", true},
 		{"create", "", "events", "", "default", "", true},
 		{"patch", "", "events", "", "default", "x", true},
 		{"create", "coordination.k8s.io", "leases", "", "kube-system", "", true},

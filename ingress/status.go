@@ -2,6 +2,7 @@ package ingress
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"slices"
 	"strings"
@@ -224,17 +225,37 @@ func (w *statusWriter) writeStatus(ctx context.Context, res *buildResult) bool {
 }
 
 // setStatus makes an Ingress's status.loadBalancer.ingress want; it
-// reports whether that worked (or nothing was to be done).
+// reports whether that worked (or nothing was to be done). It sends a JSON
+// merge patch of that one field to the status subresource, guarded by the
+// cached resourceVersion, never the cached object: the cache holds slimmed
+// objects (no last-applied annotation, no managedFields), and the API
+// server keeps the metadata of a status update, so writing one back would
+// erase what `kubectl apply` needs.
 func (w *statusWriter) setStatus(ctx context.Context, namespace, name string, want []networkingv1.IngressLoadBalancerIngress) bool {
 	c := w.c
 	ing, err := c.src.Ingresses.Lister().Ingresses(namespace).Get(name)
 	if err != nil || ing.DeletionTimestamp != nil || sameLBIngress(ing.Status.LoadBalancer.Ingress, want) {
 		return true
 	}
-	upd := ing.DeepCopy()
-	upd.Status.LoadBalancer.Ingress = want
+	var body struct {
+		Metadata struct {
+			ResourceVersion string `json:"resourceVersion"`
+		} `json:"metadata"`
+		Status struct {
+			LoadBalancer struct {
+				Ingress []networkingv1.IngressLoadBalancerIngress `json:"ingress"` // null clears
+			} `json:"loadBalancer"`
+		} `json:"status"`
+	}
+	body.Metadata.ResourceVersion = ing.ResourceVersion
+	body.Status.LoadBalancer.Ingress = want
+	data, err := json.Marshal(body)
+	if err != nil {
+		c.log.Error("ingress status: encode patch", "err", err)
+		return false
+	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	_, err = c.src.Client.NetworkingV1().Ingresses(namespace).UpdateStatus(cctx, upd, metav1.UpdateOptions{})
+	_, err = c.src.Client.NetworkingV1().Ingresses(namespace).Patch(cctx, name, types.MergePatchType, data, metav1.PatchOptions{}, "status")
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil {

@@ -310,7 +310,7 @@ func clusterRole(labels map[string]string) document {
 				{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: read},
 				{APIGroups: []string{discoveryv1.GroupName}, Resources: []string{"endpointslices"}, Verbs: read},
 				{APIGroups: []string{networkingv1.GroupName}, Resources: []string{"ingresses", "ingressclasses"}, Verbs: read},
-				{APIGroups: []string{networkingv1.GroupName}, Resources: []string{"ingresses/status"}, Verbs: []string{"update"}},
+				{APIGroups: []string{networkingv1.GroupName}, Resources: []string{"ingresses/status"}, Verbs: []string{"patch"}},
 				{APIGroups: []string{""}, Resources: []string{"services/status"}, Verbs: []string{"patch"}},
 				{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 			},
@@ -328,8 +328,9 @@ func clusterRole(labels map[string]string) document {
   selector on its list and watch), but RBAC cannot restrict a grant by field
   selector: this rule lets the agent read every Secret. Drop it (and run the
   agent without the ingress) if that is not acceptable.
-- ingresses/status: the Lease holder writes the node addresses into Ingress
-  status; events: it reports Ingresses it cannot serve.
+- ingresses/status: the Lease holder patches the node addresses into
+  status.loadBalancer of the Ingresses it serves (nothing else); events: it
+  reports Ingresses it cannot serve.
 - services/status: the load balancer's Lease holder patches the node
   addresses into status.loadBalancer of knit's LoadBalancer Services (and
   its own condition); nothing else of a Service is written.`,

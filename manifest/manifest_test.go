@@ -107,7 +107,7 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 			}
 		}
 	}
-	want := map[string]bool{"nodes:patch": true, "ingresses/status:update": true, "services/status:patch": true, "events:create": true, "events:patch": true}
+	want := map[string]bool{"nodes:patch": true, "ingresses/status:patch": true, "services/status:patch": true, "events:create": true, "events:patch": true}
 	if len(writes) != len(want) {
 		t.Errorf("ClusterRole writes %v, want exactly %v", writes, want)
 	}
