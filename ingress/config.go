@@ -91,6 +91,12 @@ type Config struct {
 	// EjectFor (defaults 3 and 10s).
 	EjectAfter int
 	EjectFor   time.Duration
+	// RestartGuard installs the nftables table that makes a new connection
+	// wait for the next ingress (its SYN is dropped, and the client's TCP
+	// retries it) instead of being refused while the agent restarts; see
+	// guard.go. DefaultConfig turns it on; a zero Config touches no
+	// firewall.
+	RestartGuard bool
 	// ShutdownGrace is how long in-flight requests may finish after the
 	// context ends (default 5s).
 	ShutdownGrace time.Duration
@@ -102,7 +108,7 @@ type Config struct {
 
 // DefaultConfig is the configuration of a node's ingress.
 func DefaultConfig() Config {
-	c := Config{HTTPAddr: ":80", HTTPSAddr: ":443"}
+	c := Config{HTTPAddr: ":80", HTTPSAddr: ":443", RestartGuard: true}
 	c.setDefaults()
 	return c
 }

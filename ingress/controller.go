@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
+	"sigs.k8s.io/knftables"
 )
 
 // Controller is the ingress component.
@@ -35,6 +36,8 @@ type Controller struct {
 	refs   refSet
 
 	status *statusWriter
+	// newNFT opens the restart guard's table (Config.RestartGuard).
+	newNFT func() (knftables.Interface, error)
 	ready  atomic.Bool
 	// last is the newest build, for the status writer and tests.
 	last atomic.Pointer[buildResult]
@@ -67,6 +70,9 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 		m:    m,
 		srv:  srv,
 		kick: make(chan struct{}, 1),
+		newNFT: func() (knftables.Interface, error) {
+			return knftables.New(knftables.InetFamily, guardTable)
+		},
 	}
 	c.b = &builder{cfg: &c.cfg, ups: srv.ups, certs: newCertCache(), m: m}
 
@@ -149,9 +155,10 @@ func (c *Controller) Run(ctx context.Context) error {
 	}
 	c.sync()
 	c.srv.serve(ctx)
+	g := c.openGuard(ctx)
 	c.ready.Store(true)
 
-	var wg sync.WaitGroup
+	var wg, guardWG sync.WaitGroup
 	if c.status != nil {
 		wg.Add(1)
 		go func() {
@@ -159,12 +166,75 @@ func (c *Controller) Run(ctx context.Context) error {
 			c.status.run(ctx)
 		}()
 	}
+	if g != nil {
+		guardWG.Add(1)
+		go func() {
+			defer guardWG.Done()
+			c.refreshGuard(ctx, g)
+		}()
+	}
 	c.syncLoop(ctx)
 	c.ready.Store(false)
+	guardWG.Wait()
+	c.drainGuard(g)
 	c.srv.shutdown(c.cfg.ShutdownGrace)
 	wg.Wait()
 	c.log.Info("ingress stopped")
 	return nil
+}
+
+// openGuard installs the restart guard for the bound listeners and lets
+// new connections through again if a previous ingress drained them. The
+// guard is best effort: without it the ingress serves as well, and only a
+// restart refuses connections.
+func (c *Controller) openGuard(ctx context.Context) *guard {
+	if !c.cfg.RestartGuard {
+		return nil
+	}
+	nft, err := c.newNFT()
+	if err != nil {
+		c.log.Warn("ingress restart guard unavailable: new connections are refused while the agent restarts", "err", err)
+		return nil
+	}
+	g := newGuard(nft, c.log, c.HTTPAddr(), c.HTTPSAddr())
+	if err := g.serving(ctx, true); err != nil {
+		c.log.Warn("ingress restart guard not installed: new connections are refused while the agent restarts", "err", err)
+		return nil
+	}
+	c.log.Info("ingress restart guard installed", "guard", g.String())
+	return g
+}
+
+// refreshGuard keeps the guard's ports from timing out while serving.
+func (c *Controller) refreshGuard(ctx context.Context, g *guard) {
+	t := time.NewTicker(guardRefreshEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := g.serving(ctx, false); err != nil && ctx.Err() == nil {
+				c.log.Warn("ingress restart guard refresh failed", "err", err)
+			}
+		}
+	}
+}
+
+// drainGuard makes new connections wait for the next ingress, then keeps
+// accepting for drainAccept so that handshakes under way are served rather
+// than reset when the listeners close.
+func (c *Controller) drainGuard(g *guard) {
+	if g == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := g.draining(ctx); err != nil {
+		c.log.Warn("ingress restart guard: draining failed; connections arriving during the restart are refused", "err", err)
+		return
+	}
+	time.Sleep(drainAccept)
 }
 
 func addrString(a net.Addr) string {

@@ -35,6 +35,12 @@
 // default, else 404 — never some other upstream. Conflicting claims go to
 // the oldest Ingress and the others get an Event.
 //
+// The ingress lives in the agent process, so while the agent restarts
+// nothing listens on its ports. With Config.RestartGuard (on in
+// DefaultConfig) a small nftables table, inet knit-ingress, drops new
+// connections' SYNs in that gap instead of letting the kernel refuse them:
+// the client's TCP retries and reaches the next ingress (guard.go).
+//
 // A request keeps the table it started with; a swap affects only requests
 // that start after it, and endpoint connection pools and health state live
 // in a registry that outlives tables, so changes cost no reload and drop no

@@ -5,7 +5,8 @@
 //
 //	what                                     knit's because
 //	nftables tables inet knit-proxy,         their names (proxy, overlay,
-//	  knit-overlay, knit-hostport            cni/hostport each own one)
+//	  knit-overlay, knit-hostport,           cni/hostport, ingress each
+//	  knit-ingress                           own one)
 //	routes in the main table with proto 75   the overlay tags every route it
 //	                                         installs with protocol 75
 //	links knit-vx4, knit-vx6 (vxlan)         name and type (overlay)
@@ -67,6 +68,8 @@ const (
 	// ProxyTable is proxy.tableName; OverlayTable is overlay.nftTable.
 	ProxyTable   = "knit-proxy"
 	OverlayTable = "knit-overlay"
+	// IngressTable is ingress.guardTable (the restart guard).
+	IngressTable = "knit-ingress"
 	// VXLANv4 and VXLANv6 are overlay.deviceV4 and deviceV6.
 	VXLANv4 = "knit-vx4"
 	VXLANv6 = "knit-vx6"
@@ -77,7 +80,7 @@ const (
 )
 
 // Tables lists knit's nftables tables (family inet).
-var Tables = []string{ProxyTable, OverlayTable, hostport.TableName}
+var Tables = []string{ProxyTable, OverlayTable, hostport.TableName, IngressTable}
 
 // Config says where knit's files are and which addresses are its.
 type Config struct {
