@@ -162,6 +162,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		go a.releaseStartupPagesWhenReady(ctx)
 	}
 
+	// A node whose address changes must not keep watching through a dead
+	// connection from the old one.
+	go a.conn.WatchLocalAddresses(ctx)
 	// Components created their informers in New; start them all at once.
 	a.cache.Start(ctx)
 	a.sup.run(ctx, a.comps)

@@ -132,11 +132,25 @@ func isConnError(err error) bool {
 	return errors.Is(err, net.ErrClosed) || errors.Is(err, context.DeadlineExceeded)
 }
 
-// Connection is an API client whose list/watch traffic is health-gated.
+// Connection is an API client whose list/watch traffic is health-gated and
+// whose connections are closed when their local address goes away (see
+// localaddr.go and WatchLocalAddresses).
 type Connection struct {
 	Client kubernetes.Interface
 	Config *rest.Config
 	health *apiHealth
+	conns  *connTracker
+	log    *slog.Logger
+}
+
+// WatchLocalAddresses closes, until ctx is done, the API connections whose
+// local address this node no longer has, so that client-go reconnects from
+// the address it has now instead of waiting for its HTTP/2 health check.
+func (c *Connection) WatchLocalAddresses(ctx context.Context) {
+	if c.conns == nil {
+		return // not made by Connect
+	}
+	c.conns.watch(ctx, net.InterfaceAddrs, c.log)
 }
 
 // APIServerDown reports whether the API server is believed unreachable now.
@@ -165,6 +179,9 @@ func ConnectConfig(cfg *rest.Config, log *slog.Logger) (*Connection, error) {
 	// The agent lists a few resource types on start and then only watches;
 	// the defaults (5 qps) would make a 10,000-Service start needlessly slow.
 	cfg.QPS, cfg.Burst = 50, 100
+	// The probe's connections too: a dead one would fail every probe.
+	conns := newConnTracker(cfg.Dial)
+	cfg.Dial = conns.DialContext
 	probeClient, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -180,5 +197,5 @@ func ConnectConfig(cfg *rest.Config, log *slog.Logger) (*Connection, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Connection{Client: client, Config: gated, health: health}, nil
+	return &Connection{Client: client, Config: gated, health: health, conns: conns, log: log}, nil
 }

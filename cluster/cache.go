@@ -4,7 +4,8 @@
 //
 // Data flow:
 //
-//	kube-apiserver --(list/watch, gated by apiHealth)--> reflectors
+//	kube-apiserver --(list/watch, gated by apiHealth; connections closed
+//	    when their local address goes away: localaddr.go)--> reflectors
 //	    --(transform: drop managedFields, big annotations, unused Pod fields)-->
 //	    one indexer per resource --> narrow informers handed to each component
 //

@@ -1,0 +1,125 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// loopbackServer accepts connections on 127.0.0.1 and holds them open.
+func loopbackServer(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestConnTrackerCloseOrphans(t *testing.T) {
+	addr := loopbackServer(t)
+	lo := netip.MustParseAddr("127.0.0.1")
+	for _, tc := range []struct {
+		name       string
+		have       []netip.Addr
+		wantClosed bool
+	}{
+		{"local address still there", []netip.Addr{lo, netip.MustParseAddr("198.18.0.3")}, false},
+		{"local address gone", []netip.Addr{netip.MustParseAddr("198.18.0.103")}, true},
+		{"no address at all", nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := newConnTracker(nil)
+			c, err := tr.DialContext(context.Background(), "tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			gone := tr.closeOrphans(func(a netip.Addr) bool {
+				for _, h := range tc.have {
+					if h == a {
+						return true
+					}
+				}
+				return false
+			})
+			if closed := len(gone) == 1 && gone[0] == lo; closed != tc.wantClosed {
+				t.Fatalf("closed %v, want closed=%v", gone, tc.wantClosed)
+			}
+			_, err = c.Write([]byte("x"))
+			if gotClosed := errors.Is(err, net.ErrClosed); gotClosed != tc.wantClosed {
+				t.Errorf("write after closeOrphans: %v, want closed=%v", err, tc.wantClosed)
+			}
+			if n := len(tr.conns); tc.wantClosed && n != 0 {
+				t.Errorf("%d connections still tracked after being closed", n)
+			}
+		})
+	}
+}
+
+// TestConnTrackerForgetsClosed: a connection client-go closes itself is
+// no longer tracked.
+func TestConnTrackerForgetsClosed(t *testing.T) {
+	tr := newConnTracker(nil)
+	c, err := tr.DialContext(context.Background(), "tcp", loopbackServer(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tr.conns) != 1 {
+		t.Fatalf("%d tracked, want 1", len(tr.conns))
+	}
+	c.Close()
+	if len(tr.conns) != 0 {
+		t.Fatalf("%d tracked after Close, want 0", len(tr.conns))
+	}
+}
+
+// TestConnTrackerWatch: once the interfaces stop listing the connection's
+// local address, the watch closes it within about one poll.
+func TestConnTrackerWatch(t *testing.T) {
+	tr := newConnTracker(nil)
+	c, err := tr.DialContext(context.Background(), "tcp", loopbackServer(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	moved := make(chan struct{})
+	addrs := func() ([]net.Addr, error) {
+		select {
+		case <-moved:
+			return []net.Addr{&net.IPNet{IP: net.ParseIP("198.18.0.103"), Mask: net.CIDRMask(24, 32)}}, nil
+		default:
+			return []net.Addr{&net.IPNet{IP: net.ParseIP("127.0.0.1"), Mask: net.CIDRMask(8, 32)}}, nil
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go tr.watch(ctx, addrs, slog.New(slog.DiscardHandler))
+	time.Sleep(localAddrPoll + 200*time.Millisecond)
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatalf("closed while its address was there: %v", err)
+	}
+	close(moved)
+	start := time.Now()
+	_ = c.SetReadDeadline(time.Now().Add(3 * localAddrPoll))
+	_, err = c.Read(make([]byte, 1))
+	if !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("read after the address went: %v, want the connection closed", err)
+	}
+	t.Logf("closed %v after the address went", time.Since(start).Round(10*time.Millisecond))
+}
