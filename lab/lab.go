@@ -398,6 +398,11 @@ func (c *Cluster) registerNode(ctx context.Context, n *Node) error {
 	})
 }
 
+// Register creates the node's Node object again, after a test deleted it,
+// as a kubelet registers its node when it starts (InternalIP, Ready), and
+// waits for kube-controller-manager to give it a podCIDR.
+func (n *Node) Register(ctx context.Context) error { return n.cluster.registerNode(ctx, n) }
+
 // installReferenceCNI writes the reference bridge + host-local + portmap
 // conflist for the node once its podCIDR is known.
 func (c *Cluster) installReferenceCNI(ctx context.Context, n *Node) error {
