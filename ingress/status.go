@@ -6,6 +6,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -27,6 +28,10 @@ import (
 type statusWriter struct {
 	c    *Controller
 	kick chan struct{}
+	// leading is held by the one lead loop running: client-go starts
+	// OnStartedLeading in a goroutine of its own, so a term that ends and a
+	// new one that starts at once could otherwise overlap for a moment.
+	leading sync.Mutex
 	// reported are the problems already sent as Events this term, so a
 	// problem is reported once, and again only after it was fixed.
 	reported map[problem]bool
@@ -78,6 +83,11 @@ func (w *statusWriter) run(ctx context.Context) {
 
 // lead writes status and Events until leadership (ctx) ends.
 func (w *statusWriter) lead(ctx context.Context) {
+	w.leading.Lock()
+	defer w.leading.Unlock()
+	if ctx.Err() != nil {
+		return // the term ended while the previous one was finishing
+	}
 	c := w.c
 	c.log.Info("ingress status: now the writer", "lease", c.cfg.LeaseNamespace+"/"+c.cfg.LeaseName)
 	bc := record.NewBroadcaster(record.WithContext(ctx))
