@@ -305,10 +305,22 @@ func (b *iptBackend) restoreData(names []types.NamespacedName, render func(types
 	}
 	for _, table := range []string{iptTableFilter, iptTableNAT} {
 		var decl, rules bytes.Buffer
+		declare := func(c string) {
+			decl.WriteString(":")
+			decl.WriteString(c)
+			decl.WriteString(" - [0:0]\n")
+		}
+		rule := func(c, r string) {
+			rules.WriteString("-A ")
+			rules.WriteString(c)
+			rules.WriteByte(' ')
+			rules.WriteString(r)
+			rules.WriteByte('\n')
+		}
 		own := func(c iptChain) {
-			fmt.Fprintf(&decl, ":%s - [0:0]\n", c.name)
+			declare(c.name)
 			for _, rl := range c.rules {
-				fmt.Fprintf(&rules, "-A %s %s\n", c.name, rl)
+				rule(c.name, rl)
 			}
 		}
 		if full {
@@ -325,19 +337,19 @@ func (b *iptBackend) restoreData(names []types.NamespacedName, render func(types
 				continue
 			}
 			c := iptSlots[s].chain
-			fmt.Fprintf(&decl, ":%s - [0:0]\n", c)
+			declare(c)
 			for _, rl := range static.head[s] {
-				fmt.Fprintf(&rules, "-A %s %s\n", c, rl)
+				rule(c, rl)
 			}
 			for _, name := range names {
 				if rd := render(name); rd != nil {
 					for _, rl := range rd.shared[s] {
-						fmt.Fprintf(&rules, "-A %s %s\n", c, rl)
+						rule(c, rl)
 					}
 				}
 			}
 			for _, rl := range static.tail[s] {
-				fmt.Fprintf(&rules, "-A %s %s\n", c, rl)
+				rule(c, rl)
 			}
 		}
 		if table == iptTableNAT {
@@ -345,8 +357,8 @@ func (b *iptBackend) restoreData(names []types.NamespacedName, render func(types
 				own(c)
 			}
 			for _, c := range deleted {
-				fmt.Fprintf(&decl, ":%s - [0:0]\n", c)
-				fmt.Fprintf(&rules, "-X %s\n", c)
+				declare(c)
+				rules.WriteString("-X " + c + "\n")
 			}
 		}
 		if decl.Len() == 0 {
@@ -429,7 +441,9 @@ func (x *iptExec) ensureJumps(jumps []iptJump) error {
 var restoreFailedLine = regexp.MustCompile(`line:? (\d+)`)
 
 func (x *iptExec) restore(ctx context.Context, data []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	// Generous: a batch of 300,000 rules takes minutes (kube-proxy's
+	// iptables mode at 10,000 Services); the wait flag bounds lock waits.
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, x.restorePath, append([]string{"--noflush"}, x.wait...)...)
 	cmd.Stdin = bytes.NewReader(data)

@@ -28,7 +28,7 @@ import (
 // realIPT opens the real iptables of one variant in the sandbox, as the
 // agent would with --proxy-backend=iptables-<variant>, and removes knit's
 // rules when the test ends (so that the next test starts clean).
-func realIPT(t *testing.T, variant string) *iptBackend {
+func realIPT(t testing.TB, variant string) *iptBackend {
 	t.Helper()
 	sandbox.Require(t)
 	if _, err := exec.LookPath("iptables-" + variant + "-restore"); err != nil {
@@ -274,7 +274,7 @@ func TestIPTablesKernelDataPath(t *testing.T) {
 				{"ETP Local from outside keeps the client address", outside, "203.0.113.1:30082", "10.42.2.2 203.0.113.2"},
 				{"ETP Local, no local endpoint: dropped for outside clients", outside, "203.0.113.1:30083", "timeout"},
 				{"ETP Local, no local endpoint: pods short-circuit to the cluster endpoints", client, "10.42.1.1:30083", "10.42.2.3 10.42.1.2"},
-				{"hairpin: a pod reaching itself through its Service is masqueraded", server, "10.43.0.20:80", "10.42.2.2 10.42.2.1"},
+				{"hairpin: a pod reaching itself through its Service is masqueraded", server, "10.43.0.22:80", "10.42.2.2 10.42.2.1"},
 				{"loadBalancerSourceRanges: other sources dropped", outside, "192.0.2.25:80", "timeout"},
 				{"loadBalancerSourceRanges: allowed source passes", outside, "192.0.2.26:80", "10.42.2.2 10.42.2.1"},
 				{"ExternalIP", outside, "192.0.2.27:80", "10.42.2.3 10.42.2.1"},
