@@ -27,6 +27,7 @@ import (
 	"runtime/debug"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -80,6 +81,12 @@ type Config struct {
 
 	// Per-component settings, parsed from flags by package command.
 	Component ComponentConfig
+
+	// Version is the knit version, reported in the status document.
+	Version string
+	// StatusNamespace holds this node's status Lease (package status);
+	// empty disables publishing it.
+	StatusNamespace string
 }
 
 // Agent is a running knit agent.
@@ -94,6 +101,9 @@ type Agent struct {
 
 	nodeIPs []netip.Addr
 	overlay *overlay.Overlay // set when the overlay is enabled; cni asks it for the MTU
+
+	started    time.Time
+	healthAddr atomic.Value // string: the bound health listener address
 }
 
 // New connects to the API server and builds the enabled components. Nothing
@@ -120,6 +130,7 @@ func newWithConnection(cfg Config, conn *cluster.Connection, log *slog.Logger) (
 		cache: cluster.New(conn.Client, 0, log),
 		sup:   newSupervisor(log, reg),
 	}
+	a.healthAddr.Store(cfg.HealthAddr)
 	a.nodeIPs = cfg.NodeIPs
 	if len(a.nodeIPs) == 0 {
 		ips, err := lookupNodeIPs(conn.Client, cfg.NodeName, log)
@@ -148,6 +159,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("health listener: %w", err)
 	}
+	a.started = time.Now()
+	a.healthAddr.Store(ln.Addr().String())
 	srv := &http.Server{Handler: a.healthMux(), ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -167,7 +180,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	go a.conn.WatchLocalAddresses(ctx)
 	// Components created their informers in New; start them all at once.
 	a.cache.Start(ctx)
+	pubDone := make(chan struct{})
+	go func() {
+		defer close(pubDone)
+		if a.cfg.StatusNamespace != "" {
+			a.publishStatus(ctx)
+		}
+	}()
 	a.sup.run(ctx, a.comps)
+	<-pubDone
 
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -185,7 +206,11 @@ func (a *Agent) componentNames() []string {
 	return names
 }
 
-func (a *Agent) healthMux() *http.ServeMux {
+func (a *Agent) healthMux() *http.ServeMux { return a.healthMuxFor(a.inspector()) }
+
+// healthMuxFor builds the health listener's routes; inspect serves `knit
+// doctor`'s node-side report (nil: not available).
+func (a *Agent) healthMuxFor(inspect http.Handler) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		// Liveness: the process answers. It deliberately does not depend on
@@ -219,6 +244,14 @@ func (a *Agent) healthMux() *http.ServeMux {
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
+	// What `knit status` and `knit doctor` read (package status, doctor).
+	mux.HandleFunc("GET /status", a.serveStatus)
+	if inspect == nil {
+		inspect = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, "not available on this agent", http.StatusNotImplemented)
+		})
+	}
+	mux.Handle("GET /debug/service/{namespace}/{name}", inspect)
 	return mux
 }
 

@@ -32,8 +32,9 @@ type supervisor struct {
 	restarts *prometheus.CounterVec
 	up       *prometheus.GaugeVec
 
-	mu      sync.Mutex
-	lastErr map[string]string
+	mu       sync.Mutex
+	lastErr  map[string]string
+	restartN map[string]int
 }
 
 func newSupervisor(log *slog.Logger, reg prometheus.Registerer) *supervisor {
@@ -47,7 +48,8 @@ func newSupervisor(log *slog.Logger, reg prometheus.Registerer) *supervisor {
 			Name: "knit_component_ready",
 			Help: "1 when the component reports Ready.",
 		}, []string{"component"}),
-		lastErr: map[string]string{},
+		lastErr:  map[string]string{},
+		restartN: map[string]int{},
 	}
 	reg.MustRegister(s.restarts, s.up)
 	return s
@@ -89,6 +91,7 @@ func (s *supervisor) runOne(ctx context.Context, c Component) {
 		}
 		s.mu.Lock()
 		s.lastErr[c.Name()] = err.Error()
+		s.restartN[c.Name()]++
 		s.mu.Unlock()
 		s.restarts.WithLabelValues(c.Name()).Inc()
 		if time.Since(start) > maxRestartDelay {
@@ -124,4 +127,11 @@ func (s *supervisor) lastError(name string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.lastErr[name]
+}
+
+// restartCount returns how often a component was restarted.
+func (s *supervisor) restartCount(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.restartN[name]
 }

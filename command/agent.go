@@ -21,6 +21,7 @@ import (
 	"knit.dev/knit/overlay"
 	"knit.dev/knit/proxy"
 	"knit.dev/knit/proxy/lb"
+	"knit.dev/knit/status"
 )
 
 // allComponents is the default --components value, in start order.
@@ -63,6 +64,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "ingress-https-addr", Value: ":443"},
 			&cli.StringFlag{Name: "ingress-controller", Value: "knit.dev/ingress", Usage: "IngressClass controller name knit serves"},
 			&cli.BoolFlag{Name: "ingress-access-log", Usage: "log every proxied request"},
+			&cli.StringFlag{Name: "status-namespace", Value: status.DefaultNamespace, EnvVars: []string{"POD_NAMESPACE"}, Usage: "namespace of this node's status Lease (knit status); empty: do not publish"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 		},
@@ -98,6 +100,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		CNIConfDir:    c.String("cni-conf-dir"),
 		CNIBinDir:     c.String("cni-bin-dir"),
 		Enabled:       map[string]bool{},
+
+		Version:         Version,
+		StatusNamespace: c.String("status-namespace"),
 	}
 	var err error
 	if cfg.ClusterCIDRs, err = parsePrefixes("cluster-cidr", c.String("cluster-cidr")); err != nil {

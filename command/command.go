@@ -67,6 +67,7 @@ func Main(argv []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if role.CNI {
 		return runCNIPlugin(stdin, stdout, stderr)
 	}
+	role.Args = flagsFirst(role.Args)
 	app := NewApp(stdout, stderr)
 	app.ExitErrHandler = func(*cli.Context, error) {} // Main decides the exit status
 	if err := app.RunContext(context.Background(), role.Args); err != nil {
@@ -97,6 +98,8 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 			manifestCommand(),
 			uninstallCommand(),
 			installCNICommand(),
+			statusCommand(),
+			doctorCommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",
@@ -119,4 +122,40 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// flagsFirst lets `knit doctor ns/svc --from node/x` work: urfave/cli v2
+// stops parsing flags at the first argument, so for the commands whose
+// flags all take a value (doctor), flags after the argument are moved
+// before it.
+func flagsFirst(args []string) []string {
+	if len(args) < 3 || args[1] != "doctor" {
+		return args
+	}
+	var flags, rest []string
+	for i := 2; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case a == "--":
+			rest = append(rest, args[i:]...)
+			i = len(args)
+		case strings.HasPrefix(a, "-") && a != "-":
+			flags = append(flags, a)
+			if !strings.Contains(a, "=") && !isBoolFlag(a) && i+1 < len(args) {
+				i++
+				flags = append(flags, args[i])
+			}
+		default:
+			rest = append(rest, a)
+		}
+	}
+	return append(append(args[:2:2], flags...), rest...)
+}
+
+func isBoolFlag(a string) bool {
+	switch strings.TrimLeft(a, "-") {
+	case "help", "h":
+		return true
+	}
+	return false
 }

@@ -52,3 +52,36 @@ func TestMainVersionAndErrors(t *testing.T) {
 		t.Fatalf("bad --components: code %d, stderr %q", code, errb.String())
 	}
 }
+
+func TestDoctorAndStatusArgs(t *testing.T) {
+	tests := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"knit", "doctor"}, 2, "usage: knit doctor <namespace>/<service>"},
+		{[]string{"knit", "doctor", "ns/svc", "--from", "vm/x", "--kubeconfig", "/nonexistent"}, 2, `--from "vm/x"`},
+		{[]string{"knit", "status", "--kubeconfig", "/nonexistent"}, 1, "kubeconfig"},
+	}
+	for _, tt := range tests {
+		var out, errb bytes.Buffer
+		code := Main(tt.args, nil, &out, &errb)
+		if code != tt.code || !bytes.Contains(errb.Bytes(), []byte(tt.want)) {
+			t.Errorf("%v: code %d, stderr %q; want %d and %q", tt.args, code, errb.String(), tt.code, tt.want)
+		}
+	}
+}
+
+func TestFlagsFirst(t *testing.T) {
+	tests := []struct{ in, want []string }{
+		{[]string{"knit", "doctor", "ns/svc", "--from", "node/n1", "-o", "json"}, []string{"knit", "doctor", "--from", "node/n1", "-o", "json", "ns/svc"}},
+		{[]string{"knit", "doctor", "-o=json", "ns/svc"}, []string{"knit", "doctor", "-o=json", "ns/svc"}},
+		{[]string{"knit", "doctor", "ns/svc", "--help"}, []string{"knit", "doctor", "--help", "ns/svc"}},
+		{[]string{"knit", "status", "x", "-o", "json"}, []string{"knit", "status", "x", "-o", "json"}},
+	}
+	for _, tt := range tests {
+		if got := flagsFirst(tt.in); !slices.Equal(got, tt.want) {
+			t.Errorf("flagsFirst(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}

@@ -19,6 +19,7 @@ import (
 	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 
 	"knit.dev/knit/dns/localaddr"
+	"knit.dev/knit/status"
 )
 
 // Sources are the informers the DNS component reads.
@@ -44,8 +45,9 @@ type Server struct {
 	cache   *cache
 	fwd     *forwarder
 
-	synced atomic.Bool
-	ttl    uint32
+	synced  atomic.Bool
+	ttl     uint32
+	syncRec status.SyncRecorder // for Status
 
 	zoneWire []byte // "\x07cluster\x05local\x00"
 	soaTail  []byte

@@ -233,6 +233,7 @@ func (s *Server) fullSync() {
 	svcs, err := s.src.Services.Lister().List(labels.Everything())
 	if err != nil {
 		s.log.Error("list services", "err", err)
+		s.syncRec.Record(err)
 		return
 	}
 	want := make(map[string]bool, len(svcs))
@@ -246,6 +247,7 @@ func (s *Server) fullSync() {
 		pods, err := s.src.Pods.Lister().List(labels.Everything())
 		if err != nil {
 			s.log.Error("list pods", "err", err)
+			s.syncRec.Record(err)
 			return
 		}
 		for _, p := range pods {
@@ -265,6 +267,7 @@ func (s *Server) fullSync() {
 		s.idx.set(owner, nil)
 	}
 	n := s.idx.commit()
+	s.syncRec.Record(nil)
 	s.m.syncs.Inc()
 	s.m.syncDuration.Observe(time.Since(start).Seconds())
 	s.log.Debug("dns full sync", "services", len(svcs), "published", n, "took", time.Since(start))
@@ -301,6 +304,7 @@ func (s *Server) syncChanged() {
 		}
 	}
 	n := s.idx.commit()
+	s.syncRec.Record(nil)
 	s.m.syncs.Inc()
 	s.m.syncDuration.Observe(time.Since(start).Seconds())
 	if n > 0 {

@@ -96,8 +96,8 @@ func TestManifestServerDryRun(t *testing.T) {
 			}
 		}
 	}
-	if len(kinds) != 10 {
-		t.Errorf("sent %d documents (%v), want the manifest's 10", len(kinds), kinds)
+	if len(kinds) != 12 {
+		t.Errorf("sent %d documents (%v), want the manifest's 12", len(kinds), kinds)
 	}
 
 	// The checked-in file is the renderer's output, so what passed here is
@@ -181,7 +181,14 @@ func TestManifestRBAC(t *testing.T) {
 		{"get", "coordination.k8s.io", "leases", "", "kube-system", "knit-lb", true},
 		{"update", "coordination.k8s.io", "leases", "", "kube-system", "knit-lb", true},
 		{"patch", "", "services", "status", "default", "x", true},
+		// The node status Leases (package status) in knit's own namespace.
+		{"create", "coordination.k8s.io", "leases", "", "knit-system", "", true},
+		{"get", "coordination.k8s.io", "leases", "", "knit-system", "knit-node-node1", true},
+		{"update", "coordination.k8s.io", "leases", "", "knit-system", "knit-node-node1", true},
+		{"list", "coordination.k8s.io", "leases", "", "knit-system", "", true},
 		// What it must not.
+		{"delete", "coordination.k8s.io", "leases", "", "knit-system", "knit-node-node1", false},
+		{"update", "coordination.k8s.io", "leases", "", "kube-node-lease", "node1", false},
 		{"update", "coordination.k8s.io", "leases", "", "kube-system", "kube-controller-manager", false},
 		{"get", "coordination.k8s.io", "leases", "", "default", "knit-ingress-status", false},
 		{"update", "", "nodes", "", "", "node1", false},

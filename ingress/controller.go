@@ -18,6 +18,8 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/knftables"
+
+	"knit.dev/knit/status"
 )
 
 // Controller is the ingress component.
@@ -41,6 +43,8 @@ type Controller struct {
 	ready  atomic.Bool
 	// last is the newest build, for the status writer and tests.
 	last atomic.Pointer[buildResult]
+	// syncRec is the outcome of each build, for Status.
+	syncRec status.SyncRecorder
 }
 
 const sliceIndex = "knit-ingress-by-service"
@@ -371,6 +375,7 @@ func (c *Controller) sync() {
 	c.refs = res.refs
 	c.refsMu.Unlock()
 	prev := c.last.Swap(res)
+	c.syncRec.Record(nil)
 	c.m.rebuild.Observe(time.Since(start).Seconds())
 
 	counts := map[string]int{}

@@ -47,6 +47,7 @@ import (
 	"knit.dev/knit/cni/plugin"
 	"knit.dev/knit/lab/cp"
 	"knit.dev/knit/lab/sandbox"
+	"knit.dev/knit/status"
 )
 
 // Lab addresses (DESIGN.md).
@@ -254,6 +255,12 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if c.Client, err = kubernetes.NewForConfig(c.Config); err != nil {
 		c.Down()
 		return nil, err
+	}
+	// The namespace of knit's node status Leases (the DaemonSet's, in a
+	// real cluster), before the agents start publishing.
+	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: status.DefaultNamespace}}, metav1.CreateOptions{}); err != nil {
+		c.Down()
+		return nil, fmt.Errorf("namespace %s: %w", status.DefaultNamespace, err)
 	}
 	for i := 1; i <= opts.Nodes; i++ {
 		if _, err := c.AddNode(ctx, i); err != nil {

@@ -45,6 +45,7 @@ import (
 
 	"knit.dev/knit/ingress"
 	"knit.dev/knit/proxy/lb"
+	"knit.dev/knit/status"
 )
 
 // Defaults: the lab's addresses (DESIGN.md), which are also k3s's.
@@ -66,6 +67,7 @@ const (
 	Name          = "knit" // ServiceAccount, ClusterRole(Binding), DaemonSet, IngressClass
 	LeaseRoleName = "knit-leases"
 	ConfigMapName = "knit-config"
+	statusRole    = "knit-node-status" // Role(Binding) for the node status Leases
 	// ConfigHashAnnotation on the pod template holds a hash of the
 	// ConfigMap's data, so applying a manifest with other settings rolls
 	// the DaemonSet (a ConfigMap change alone restarts nothing).
@@ -268,6 +270,29 @@ not know the name of an object that does not exist yet).`, ing.LeaseNamespace, i
 			},
 		},
 		{
+			obj: &rbacv1.Role{
+				TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
+				ObjectMeta: metav1.ObjectMeta{Name: statusRole, Namespace: cfg.Namespace, Labels: labels},
+				Rules: []rbacv1.PolicyRule{
+					{APIGroups: []string{coordinationv1.GroupName}, Resources: []string{"leases"}, Verbs: []string{"get", "list", "create", "update"}},
+				},
+			},
+			header: fmt.Sprintf(`Each agent keeps a Lease %s<node> in this namespace with a summary of
+its status (knit status, knit doctor read them): renewed once a minute,
+rewritten when the summary changes, watched by nobody. Only knit's objects
+live in this namespace; RBAC cannot limit an agent to its own node's Lease
+(the agents share one ServiceAccount). list is for knit status and knit doctor
+run inside knit's pod on a node (kubectl exec), with this ServiceAccount.`, status.LeasePrefix),
+		},
+		{
+			obj: &rbacv1.RoleBinding{
+				TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "RoleBinding"),
+				ObjectMeta: metav1.ObjectMeta{Name: statusRole, Namespace: cfg.Namespace, Labels: labels},
+				RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: statusRole},
+				Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: Name, Namespace: cfg.Namespace}},
+			},
+		},
+		{
 			obj: &corev1.ConfigMap{
 				TypeMeta:   typeMeta("v1", "ConfigMap"),
 				ObjectMeta: metav1.ObjectMeta{Name: ConfigMapName, Namespace: cfg.Namespace, Labels: labels},
@@ -363,7 +388,10 @@ func daemonSet(cfg Config, labels, settings map[string]string) document {
 	// Flags come from the ConfigMap through environment variables; the
 	// kubelet expands $(VAR) in args.
 	env := []corev1.EnvVar{{Name: "NODE_NAME", ValueFrom: &corev1.EnvVarSource{
-		FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: "spec.nodeName"}}}}
+		FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: "spec.nodeName"}}},
+		// The agent's --status-namespace: its status Lease lives beside it.
+		{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{
+			FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: "metadata.namespace"}}}}
 	args := []string{"agent"}
 	for _, key := range []string{"cluster-cidr", "service-cidr", "cluster-dns", "cluster-domain", "overlay-backend", "proxy-backend", "log-level"} {
 		v := "KNIT_" + strings.ToUpper(strings.ReplaceAll(key, "-", "_"))

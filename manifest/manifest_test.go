@@ -68,7 +68,7 @@ func TestDocumentsDecode(t *testing.T) {
 	for _, o := range objs {
 		kinds = append(kinds, o.GetObjectKind().GroupVersionKind().Kind)
 	}
-	want := "Namespace ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding ConfigMap DaemonSet Service IngressClass"
+	want := "Namespace ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding Role RoleBinding ConfigMap DaemonSet Service IngressClass"
 	if strings.Join(kinds, " ") != want {
 		t.Errorf("kinds = %v, want %s", kinds, want)
 	}

@@ -21,6 +21,8 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/knftables"
+
+	"knit.dev/knit/status"
 )
 
 // Sources are the inputs the overlay reads, plus the client it writes its
@@ -61,6 +63,11 @@ type Overlay struct {
 	ready   atomic.Bool
 	mtu     atomic.Int64
 
+	// For Status: the outcome of each sync and what the last one rendered.
+	syncRec       status.SyncRecorder
+	snap          atomic.Pointer[status.Overlay]
+	waitingStatus atomic.Pointer[string]
+
 	// Owned by the sync loop.
 	masq    masq
 	skips   map[string]string // "peer/family" -> reason last reported
@@ -95,6 +102,7 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 		publish: make(chan map[string]string, 1),
 		skips:   map[string]string{},
 	}
+	o.waitingStatus.Store(new(string))
 	inf := src.Nodes.Informer()
 	o.synced = inf.HasSynced
 	_, err = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -217,6 +225,7 @@ func (o *Overlay) Run(ctx context.Context) error {
 			lastFull = lastSync
 		}
 		err := o.sync(ctx, r, full)
+		o.syncRec.Record(err)
 		o.m.syncDuration.Observe(time.Since(lastSync).Seconds())
 		if err != nil {
 			failures++
@@ -242,9 +251,11 @@ func (o *Overlay) sync(ctx context.Context, r *reconciler, full bool) error {
 			o.log.Info("overlay waiting", "for", wait)
 		}
 		o.waiting = wait
+		o.waitingStatus.Store(&wait)
 		return nil
 	}
 	o.waiting = ""
+	o.waitingStatus.Store(new(string))
 
 	ips := []netip.Addr{o.cfg.NodeIP}
 	if !o.cfg.NodeIP.IsValid() {
@@ -269,6 +280,7 @@ func (o *Overlay) sync(ctx context.Context, r *reconciler, full bool) error {
 	rd := render(&o.cfg, loc, nodes)
 	o.mtu.Store(int64(rd.PodMTU))
 	o.report(rd)
+	o.snap.Store(snapshot(loc, &rd, nodes))
 
 	if err := r.apply(&rd.desired); err != nil {
 		o.m.errors.WithLabelValues("kernel").Inc()

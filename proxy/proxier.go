@@ -157,6 +157,8 @@ type Proxier struct {
 	nodeMu sync.Mutex
 	node   nodeView
 
+	status statusState // for Status
+
 	// Owned by the sync goroutine.
 	st          state
 	backend     *nftBackend
@@ -456,6 +458,7 @@ func (p *Proxier) syncOnce(ctx context.Context) (time.Duration, error) {
 		sync = p.ipt.sync
 	}
 	res, err := sync(ctx, &p.st, changed, full)
+	p.status.record(&p.st, res, full, err)
 	elapsed := time.Since(start)
 	// A sync with nothing to do (a hold-off timer that ran out after its
 	// Service was synced, or a later sync that only deletes stale chains)

@@ -23,6 +23,7 @@ import (
 	"knit.dev/knit/cni/hostport"
 	"knit.dev/knit/cni/ipam"
 	"knit.dev/knit/cni/plugin"
+	"knit.dev/knit/status"
 )
 
 const (
@@ -57,6 +58,11 @@ type Setup struct {
 	ready   atomic.Bool
 	pools   atomic.Pointer[[]netip.Prefix] // podCIDRs of the last node.json, for metrics
 	store   atomic.Pointer[ipam.Store]
+
+	// For Status: each sync's outcome, what was applied, what it waits for.
+	syncRec       status.SyncRecorder
+	snap          atomic.Pointer[status.CNI]
+	waitingStatus atomic.Pointer[string]
 
 	// Owned by the Run goroutine.
 	applied  *desired       // last state fully applied
@@ -218,7 +224,9 @@ func (s *Setup) Run(ctx context.Context) error {
 		default:
 		}
 		lastSync = time.Now()
-		if err := s.sync(); err != nil {
+		err := s.sync()
+		s.syncRec.Record(err)
+		if err != nil {
 			failures++
 			delay := min(firstRetry<<min(failures-1, 16), s.cfg.SyncPeriod)
 			s.log.Warn("cni node setup failed; retrying", "err", err, "retryIn", delay)
@@ -342,6 +350,7 @@ func (s *Setup) sync() error {
 	}
 
 	s.applied = d
+	s.recordApplied(d)
 	if !s.ready.Load() {
 		s.log.Info("cni node setup ready", "podCIDRs", d.node.PodCIDRs, "mtu", d.node.MTU)
 		s.ready.Store(true)
@@ -389,6 +398,7 @@ func (s *Setup) setWaiting(wait string) {
 		s.log.Info("cni node setup waiting", "for", wait)
 	}
 	s.waiting = wait
+	s.waitingStatus.Store(&wait)
 }
 
 func (s *Setup) warnOnce(key, msg string, args ...any) {

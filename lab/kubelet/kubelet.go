@@ -98,6 +98,7 @@ type sandbox struct {
 	ips         []string
 	workload    *exec.Cmd
 	ready       bool
+	probeErr    string // why the last readiness probe failed
 	stopProbe   context.CancelFunc
 }
 
@@ -415,15 +416,25 @@ func (k *Kubelet) probe(ctx context.Context, key string, pod *corev1.Pod, sb *sa
 	client := &http.Client{Timeout: time.Second}
 	url := "http://" + net.JoinHostPort(sb.ips[0], strconv.Itoa(echo.HTTPPort)) + "/healthz"
 	_ = wait.PollUntilContextCancel(ctx, 500*time.Millisecond, true, func(ctx context.Context) (bool, error) {
-		ready := false
+		ready, why := false, ""
 		if resp, err := client.Get(url); err == nil {
 			ready = resp.StatusCode == http.StatusOK
+			if !ready {
+				why = fmt.Sprintf("HTTP probe failed with statuscode: %d", resp.StatusCode)
+			}
 			resp.Body.Close()
 		}
 		k.mu.Lock()
 		changed := sb.ready != ready
 		sb.ready = ready
+		// An Event when the workload answers "not ready", once per reason
+		// (not while it is still starting: no Event storm on pod churn).
+		report := why != "" && why != sb.probeErr
+		sb.probeErr = why
 		k.mu.Unlock()
+		if report {
+			k.probeFailedEvent(ctx, pod, why)
+		}
 		if changed {
 			if err := k.writeStatus(ctx, pod, sb); err != nil && ctx.Err() == nil {
 				k.log.Warn("status update failed", "pod", key, "err", err)
@@ -441,8 +452,9 @@ func (k *Kubelet) writeStatus(ctx context.Context, pod *corev1.Pod, sb *sandbox)
 	ready := sb.ready
 	k.mu.Unlock()
 	cond := corev1.ConditionFalse
+	reason, msg := "ContainersNotReady", "containers with unready status: [echo]"
 	if ready {
-		cond = corev1.ConditionTrue
+		cond, reason, msg = corev1.ConditionTrue, "", ""
 	}
 	return k.updateStatus(ctx, pod.Namespace, pod.Name, func(p *corev1.Pod) {
 		now := metav1.Now()
@@ -462,10 +474,31 @@ func (k *Kubelet) writeStatus(ctx context.Context, pod *corev1.Pod, sb *sandbox)
 		p.Status.Conditions = []corev1.PodCondition{
 			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
 			{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
-			{Type: corev1.ContainersReady, Status: cond, LastTransitionTime: now},
-			{Type: corev1.PodReady, Status: cond, LastTransitionTime: now},
+			{Type: corev1.ContainersReady, Status: cond, Reason: reason, Message: msg, LastTransitionTime: now},
+			{Type: corev1.PodReady, Status: cond, Reason: reason, Message: msg, LastTransitionTime: now},
 		}
 	})
+}
+
+// probeFailedEvent records a failed readiness probe as the real kubelet
+// does (reason Unhealthy), so that the pod's events say why it is not Ready.
+func (k *Kubelet) probeFailedEvent(ctx context.Context, pod *corev1.Pod, why string) {
+	now := metav1.Now()
+	ev := &corev1.Event{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: pod.Name + ".", Namespace: pod.Namespace},
+		InvolvedObject: corev1.ObjectReference{Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID,
+			APIVersion: "v1", FieldPath: "spec.containers{echo}"},
+		Reason:         "Unhealthy",
+		Message:        "Readiness probe failed: " + why,
+		Type:           corev1.EventTypeWarning,
+		Source:         corev1.EventSource{Component: "kubelet", Host: k.cfg.NodeName},
+		FirstTimestamp: now,
+		LastTimestamp:  now,
+		Count:          1,
+	}
+	if _, err := k.client.CoreV1().Events(pod.Namespace).Create(ctx, ev, metav1.CreateOptions{}); err != nil && ctx.Err() == nil {
+		k.log.Warn("recording probe failure event", "pod", pod.Namespace+"/"+pod.Name, "err", err)
+	}
 }
 
 func (k *Kubelet) updateStatus(ctx context.Context, ns, name string, mutate func(*corev1.Pod)) error {
