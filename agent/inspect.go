@@ -5,6 +5,7 @@ import (
 
 	"knit.dev/knit/cni/plugin"
 	"knit.dev/knit/doctor"
+	"knit.dev/knit/proxy"
 )
 
 // inspector serves `knit doctor`'s node-side facts about one Service
@@ -26,6 +27,11 @@ func (a *Agent) inspector() http.Handler {
 		in.Services = a.cache.Services().Lister()
 		in.Slices = a.cache.EndpointSlices().Lister()
 		in.Synced = func() bool { return svcs.HasSynced() && slices.HasSynced() }
+	}
+	for _, c := range a.comps {
+		if p, ok := c.(*proxy.Proxier); ok {
+			in.ProxyBackend = func() string { return p.Status().Backend }
+		}
 	}
 	if a.cfg.Enabled["proxy"] {
 		if t, err := doctor.NewNFTables(); err == nil {

@@ -508,6 +508,10 @@ func (r *run) checkRules() Result {
 		if err != nil {
 			continue
 		}
+		if rep.RulesNote != "" {
+			ok = append(ok, n.Name+": "+rep.RulesNote)
+			continue
+		}
 		if len(rep.Ports) == 0 {
 			for _, e := range rep.Errors {
 				if strings.Contains(e, "nftables") {
@@ -523,7 +527,21 @@ func (r *run) checkRules() Result {
 				ok = append(ok, fmt.Sprintf("%s: %s:%d/%s is answered on the node itself (knit's DNS), no rules needed", n.Name, pr.ClusterIP, pr.Number, pr.Protocol))
 				continue
 			}
-			if res, bad := r.portRulesProblem(n, pr); bad {
+			res, bad := r.portRulesProblem(n, pr)
+			if bad && r.syncRetry > 0 {
+				// A Service changed a moment ago may not be programmed yet:
+				// ask once more before calling the rules broken.
+				time.Sleep(r.syncRetry)
+				if again, err := r.env.Agents.Inspect(r.ctx, n, r.t.Namespace, r.t.Name, false); err == nil {
+					for _, p2 := range again.Ports {
+						if p2.ClusterIP == pr.ClusterIP && p2.Protocol == pr.Protocol && p2.Number == pr.Number {
+							res, bad = r.portRulesProblem(n, p2)
+						}
+					}
+				}
+			}
+			if bad {
+				res.Details = append(res.Details, rep.Errors...)
 				return res
 			}
 			ok = append(ok, fmt.Sprintf("%s: %s:%d/%s -> %s: %d endpoint(s)", n.Name, pr.ClusterIP, pr.Number, pr.Protocol, pr.Chain, len(pr.Endpoints)))
@@ -712,8 +730,15 @@ func (r *run) routeProblem(n *NodeInfo, rep *NodeReport, peer string) (Result, b
 			continue
 		}
 		peerCIDR := strings.Join(r.nodes[peer].podCIDRs(), ", ")
-		fix := fmt.Sprintf("knit puts routes back at its next overlay sync (within 30 s) or when its agent restarts; if they keep disappearing, something else on %s removes routes (another CNI, a network manager)", n.Name)
+		fix := fmt.Sprintf("knit's overlay puts a deleted route back within a second (and at every sync); if it keeps disappearing, something else on %s removes routes (another CNI, a network manager)", n.Name)
+		if st := r.statuses[n.Name]; st != nil && st.Overlay == nil {
+			fix = fmt.Sprintf("knit's overlay does not run on %s (its agent's --components), so nothing programs routes to other nodes' pods there: enable it, or route the podCIDRs another way", n.Name)
+		}
 		switch {
+		case rc.Knit && rc.Shadowed:
+			return Result{Outcome: Fail,
+				Summary: fmt.Sprintf("%s has knit's route %s dev %s, but sends %s %s: a more specific route or a routing rule takes precedence", n.Name, rc.Dst, rc.Dev, rc.IP, rc.Actual),
+				Fix:     fmt.Sprintf("find it with `ip route get %s` and `ip rule` on %s and remove it; it is not knit's (knit's routes are proto 75)", rc.IP, n.Name)}, true
 		case !rc.Knit:
 			return Result{Outcome: Fail,
 				Summary: fmt.Sprintf("%s has no knit route to %s's pod network %s: packets for %s go %s instead", n.Name, peer, peerCIDR, rc.IP, orDash(rc.Actual)),

@@ -256,6 +256,18 @@ func TestRun(t *testing.T) {
 				r.Probes[i].OK, r.Probes[i].Timeout, r.Probes[i].Error = false, true, "i/o timeout"
 			}
 		}},
+		{name: "route shadowed by a more specific one", from: "node1", check: CheckOverlay, want: []string{"has knit's route 10.42.1.0/24 dev knit-vx4, but sends 10.42.1.5 via 198.18.0.254 dev eth0", "ip route get 10.42.1.5"}, breakIt: func(w *world) {
+			w.agents.reports["node1"].Routes[0].Shadowed = true
+			w.agents.reports["node1"].Routes[0].Actual = "via 198.18.0.254 dev eth0"
+		}},
+		{name: "overlay not running on the client node", from: "node1", check: CheckProbes, want: []string{"no knit route to node2's pod network", "knit's overlay does not run on node1"}, breakIt: func(w *world) {
+			w.agents.statuses["node1"].Overlay = nil
+			r := w.agents.reports["node1"]
+			r.Routes[0] = RouteCheck{IP: "10.42.1.5", Node: "node2", Actual: "via 198.18.0.254 dev eth0"}
+			for i := range r.Probes {
+				r.Probes[i].OK, r.Probes[i].Timeout, r.Probes[i].Error = false, true, "i/o timeout"
+			}
+		}},
 		{name: "FDB entry missing", from: "node1", check: CheckOverlay, want: []string{"no FDB entry on knit-vx4 for node2's VTEP"}, breakIt: func(w *world) {
 			w.agents.reports["node1"].Routes[0].FDB = ptr(false)
 		}},

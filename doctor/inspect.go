@@ -64,7 +64,10 @@ type Inspector struct {
 	Synced   func() bool
 
 	Tables Tables
-	Net    Net
+	// ProxyBackend names the proxy's backend; rules are inspected only
+	// when it is nftables. Nil: nftables.
+	ProxyBackend func() string
+	Net          Net
 	// Dial and Query are replaced in tests.
 	Dial  func(ctx context.Context, network, addr string) (net.Conn, error)
 	Query func(ctx context.Context, server, name string, qtype uint16) (*mdns.Msg, error)
@@ -111,7 +114,10 @@ func (in *Inspector) Inspect(ctx context.Context, namespace, name string, probe 
 	}
 	rep.Cache.Endpoints = endpointsOf(slicesOf)
 
-	if in.Tables != nil {
+	switch {
+	case in.ProxyBackend != nil && !strings.HasPrefix(in.ProxyBackend(), "nftables"):
+		rep.RulesNote = "the proxy uses the " + in.ProxyBackend() + " backend; doctor reads only nftables rules"
+	case in.Tables != nil:
 		rep.Ports = in.rules(ctx, svc, rep)
 	}
 	if in.Net != nil {
@@ -282,7 +288,7 @@ func (in *Inspector) rules(ctx context.Context, svc *corev1.Service, rep *NodeRe
 				if target, ok := strings.CutPrefix(pr.Verdict, "goto "); ok {
 					pr.Chain = target
 				}
-				pr.ChainFound, pr.Endpoints = in.dnatTargets(ctx, pr.Chain, rep, 0)
+				pr.ChainFound, pr.Endpoints = in.dnatTargets(ctx, pr.Chain, rep, 0, key)
 			}
 			out = append(out, pr)
 		}
@@ -291,16 +297,18 @@ func (in *Inspector) rules(ctx context.Context, svc *corev1.Service, rep *NodeRe
 }
 
 var (
-	dnatTo  = regexp.MustCompile(`dnat ip6? to (\S+)`)
+	dnatTo  = regexp.MustCompile(`dnat ip6? to (\[?[0-9a-fA-F.:]+\]?:[0-9]+)`)
 	jumpTo  = regexp.MustCompile(`(?:goto|jump) (\S+)`)
 	mapRef  = regexp.MustCompile(`map @(\S+)`)
 	vmapRef = regexp.MustCompile(`vmap @(\S+)`)
 )
 
 // dnatTargets collects the "ip:port" DNAT targets reachable from a chain:
-// its own dnat rules, the endpoint chains it jumps to, and the endpoint
-// maps it looks up (Services with more than 32 endpoints).
-func (in *Inspector) dnatTargets(ctx context.Context, chain string, rep *NodeReport, depth int) (bool, []string) {
+// its own dnat rules, the endpoint chains it jumps to, the endpoint maps it
+// looks up (Services with more than 32 endpoints), and for a shared pick
+// chain the elements of the shared endpoints map that belong to key
+// (ClusterIP, protocol, port).
+func (in *Inspector) dnatTargets(ctx context.Context, chain string, rep *NodeReport, depth int, key []string) (bool, []string) {
 	rules, found, err := in.Tables.ChainRules(ctx, chain)
 	if err != nil {
 		rep.Errors = append(rep.Errors, fmt.Sprintf("nftables chain %s: %v", chain, err))
@@ -314,14 +322,10 @@ func (in *Inspector) dnatTargets(ctx context.Context, chain string, rep *NodeRep
 	}
 	for _, r := range rules {
 		r = strings.ReplaceAll(r, `"`, "") // nft may quote names holding "/"
-		if m := dnatTo.FindStringSubmatch(r); m != nil && !strings.Contains(m[1], "numgen") {
-			add(m[1])
-			continue
-		}
 		if m := vmapRef.FindStringSubmatch(r); m != nil && depth < 2 {
-			for _, e := range in.mapValues(ctx, m[1], rep) {
+			for _, e := range in.mapValues(ctx, m[1], rep, nil) {
 				if t, ok := strings.CutPrefix(e, "goto "); ok {
-					_, sub := in.dnatTargets(ctx, t, rep, depth+1)
+					_, sub := in.dnatTargets(ctx, t, rep, depth+1, key)
 					for _, s := range sub {
 						add(s)
 					}
@@ -330,7 +334,14 @@ func (in *Inspector) dnatTargets(ctx context.Context, chain string, rep *NodeRep
 			continue
 		}
 		if m := mapRef.FindStringSubmatch(r); m != nil {
-			for _, e := range in.mapValues(ctx, m[1], rep) {
+			var filter func(*knftables.Element) bool
+			if strings.HasPrefix(chain, "pick-") {
+				// The shared map: (ClusterIP . port . index) -> endpoint.
+				filter = func(e *knftables.Element) bool {
+					return len(e.Key) == 3 && e.Key[0] == key[0] && e.Key[1] == key[2]
+				}
+			}
+			for _, e := range in.mapValues(ctx, m[1], rep, filter) {
 				// "10.42.1.5 . 8080" -> 10.42.1.5:8080
 				if a, p, ok := strings.Cut(e, " . "); ok {
 					add(hostPort(a, p))
@@ -338,8 +349,12 @@ func (in *Inspector) dnatTargets(ctx context.Context, chain string, rep *NodeRep
 			}
 			continue
 		}
+		if m := dnatTo.FindStringSubmatch(r); m != nil {
+			add(m[1])
+			continue
+		}
 		if m := jumpTo.FindStringSubmatch(r); m != nil && depth < 2 && strings.HasPrefix(m[1], "endpoint-") {
-			_, sub := in.dnatTargets(ctx, m[1], rep, depth+1)
+			_, sub := in.dnatTargets(ctx, m[1], rep, depth+1, key)
 			for _, s := range sub {
 				add(s)
 			}
@@ -349,7 +364,7 @@ func (in *Inspector) dnatTargets(ctx context.Context, chain string, rep *NodeRep
 	return found, out
 }
 
-func (in *Inspector) mapValues(ctx context.Context, name string, rep *NodeReport) []string {
+func (in *Inspector) mapValues(ctx context.Context, name string, rep *NodeReport, filter func(*knftables.Element) bool) []string {
 	elems, err := in.Tables.Elements(ctx, name)
 	if err != nil {
 		rep.Errors = append(rep.Errors, fmt.Sprintf("nftables map %s: %v", name, err))
@@ -357,6 +372,9 @@ func (in *Inspector) mapValues(ctx context.Context, name string, rep *NodeReport
 	}
 	var out []string
 	for _, e := range elems {
+		if filter != nil && !filter(e) {
+			continue
+		}
 		out = append(out, strings.Join(e.Value, " . "))
 	}
 	return out

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -153,6 +154,24 @@ func TestInspect(t *testing.T) {
 			},
 		},
 		{
+			name: "shared pick chain and endpoints map (ClusterIP-only ports)",
+			tables: &fakeTables{maps: map[string][]*knftables.Element{
+				"service-ips-v4":          {{Key: []string{"10.43.0.20", "tcp", "80"}, Value: []string{"goto pick-v4-tcp-2"}}},
+				"no-endpoint-services-v4": noEP,
+				"endpoints-v4-tcp": {
+					{Key: []string{"10.43.0.20", "80", "0"}, Value: []string{"10.42.0.7", "8080"}},
+					{Key: []string{"10.43.0.20", "80", "1"}, Value: []string{"10.42.1.5", "8080"}},
+					{Key: []string{"10.43.0.99", "80", "0"}, Value: []string{"10.42.9.9", "80"}}, // another Service
+					{Key: []string{"10.43.0.20", "81", "0"}, Value: []string{"10.42.9.8", "81"}}, // another port
+				}},
+				chains: map[string][]string{"pick-v4-tcp-2": {"meta l4proto tcp dnat ip addr . port to ip daddr . tcp dport . numgen random mod 2 map @endpoints-v4-tcp"}}},
+			check: func(t *testing.T, r *NodeReport) {
+				if p := r.Ports[0]; p.Chain != "pick-v4-tcp-2" || !p.ChainFound || !slices.Equal(p.Endpoints, []string{"10.42.0.7:8080", "10.42.1.5:8080"}) {
+					t.Errorf("port %+v, want pick-v4-tcp-2 with this Service's two endpoints only", p)
+				}
+			},
+		},
+		{
 			name: "session affinity: endpoint chains",
 			tables: &fakeTables{maps: map[string][]*knftables.Element{"service-ips-v4": serviceIPs, "no-endpoint-services-v4": noEP},
 				chains: map[string][]string{
@@ -215,6 +234,15 @@ func TestInspect(t *testing.T) {
 			tt.check(t, in.Inspect(context.Background(), "ns", "web", true))
 		})
 	}
+
+	t.Run("iptables backend: rules not read", func(t *testing.T) {
+		in := &Inspector{Node: "node1", Services: corelisters.NewServiceLister(svcs), Slices: discoverylisters.NewEndpointSliceLister(sls),
+			Tables: &fakeTables{}, ProxyBackend: func() string { return "iptables-nft" }}
+		r := in.Inspect(context.Background(), "ns", "web", false)
+		if len(r.Ports) != 0 || !strings.Contains(r.RulesNote, "iptables-nft") || len(r.Errors) != 0 {
+			t.Errorf("ports %+v note %q errors %v", r.Ports, r.RulesNote, r.Errors)
+		}
+	})
 
 	t.Run("cluster DNS answered locally", func(t *testing.T) {
 		in := &Inspector{Node: "node1", Domain: "cluster.local", DNS: []netip.Addr{netip.MustParseAddr("10.43.0.10")},

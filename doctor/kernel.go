@@ -81,8 +81,9 @@ func (n Netlink) Route(ip netip.Addr) RouteCheck {
 	if ip.Is6() {
 		fam = netlink.FAMILY_V6
 	}
+	var actual *netlink.Route
 	if rs, err := netlink.RouteGet(net.IP(ip.AsSlice())); err == nil && len(rs) > 0 {
-		rc.Actual = describeRoute(rs[0])
+		rc.Actual, actual = describeRoute(rs[0]), &rs[0]
 	} else if err != nil {
 		rc.Actual = "no route: " + err.Error()
 	}
@@ -119,6 +120,9 @@ func (n Netlink) Route(ip netip.Addr) RouteCheck {
 		return rc
 	}
 	rc.Dev = link.Attrs().Name
+	if actual != nil && (actual.LinkIndex != r.LinkIndex || (r.Gw != nil && !r.Gw.Equal(actual.Gw))) {
+		rc.Shadowed = true
+	}
 	if link.Type() != "vxlan" || r.Gw == nil {
 		return rc
 	}

@@ -18,6 +18,8 @@ type NodeReport struct {
 	// Ports are the Service's rules in the proxy's nftables table, per
 	// port and family.
 	Ports []PortRules `json:"ports,omitempty"`
+	// RulesNote says why Ports is empty when rules were not inspected.
+	RulesNote string `json:"rulesNote,omitempty"`
 	// Probes are connections from this node to the ClusterIP and to every
 	// ready endpoint (TCP ports only). Empty unless asked for.
 	Probes []Probe `json:"probes,omitempty"`
@@ -108,8 +110,11 @@ type RouteCheck struct {
 	// entry for the gateway and the FDB entry for its MAC exist.
 	Neigh  *bool  `json:"neigh,omitempty"`
 	FDB    *bool  `json:"fdb,omitempty"`
-	Actual string `json:"actual,omitempty"` // where the kernel would send it instead ("via 198.18.0.254 dev eth0")
-	Error  string `json:"error,omitempty"`
+	Actual string `json:"actual,omitempty"` // where the kernel sends it ("via 198.18.0.254 dev eth0")
+	// Shadowed: a knit route covers the address, but the kernel sends it
+	// elsewhere (a more specific route or a policy rule wins).
+	Shadowed bool   `json:"shadowed,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 // Link is one network device's MTU.

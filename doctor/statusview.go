@@ -266,7 +266,7 @@ func componentFacts(d *status.Node, name string) string {
 		}
 	case "proxy":
 		if p := d.Proxy; p != nil {
-			return fmt.Sprintf("%s table %s: %d services, %d endpoints, %d rules; last full sync %s", p.Backend, p.Table, p.Services, p.Endpoints, p.Rules, ago(d.Time, p.LastFullSync))
+			return fmt.Sprintf("%s (%s): %d services, %d endpoints, %d rules; last full sync %s", p.Backend, p.Table, p.Services, p.Endpoints, p.Rules, ago(d.Time, p.LastFullSync))
 		}
 	case "dns":
 		if s := d.DNS; s != nil {

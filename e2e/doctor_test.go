@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -102,11 +101,25 @@ func TestDoctor(t *testing.T) {
 	}
 	// "doc": two backends on node2 and node3. "doc2": one backend on node2.
 	echoPods(t, c, ns, "doc", n2.Name, n3.Name)
-	echoPods(t, c, ns, "doc2", n2.Name)
+	doc2 := echoPods(t, c, ns, "doc2", n2.Name)
 	createSvc(labEchoService(ns, "doc"))
 	createSvc(labEchoService(ns, "doc2"))
 	waitEndpoints(t, c, ns, "doc", 2)
 	waitEndpoints(t, c, ns, "doc2", 1)
+
+	// healthy waits until doctor passes on a Service from node1.
+	healthy := func(t *testing.T, svc string) {
+		t.Helper()
+		if err := eventually(10*time.Second, func() error {
+			rep, _ := runDoctor(t, c, ns+"/"+svc, "--from", "node/"+n1.Name)
+			if rep.Verdict != nil {
+				return errors.New(rep.Verdict.Summary)
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("%s not healthy before breaking it: %v", svc, err)
+		}
+	}
 
 	t.Run("healthy Service passes", func(t *testing.T) {
 		var rep *doctor.Report
@@ -210,6 +223,7 @@ func TestDoctor(t *testing.T) {
 	})
 
 	t.Run("stopped agent on one node", func(t *testing.T) {
+		healthy(t, "doc")
 		n3.StopAgent()
 		defer func() {
 			if err := n3.StartAgent(); err != nil {
@@ -236,38 +250,58 @@ func TestDoctor(t *testing.T) {
 	})
 
 	t.Run("deleted route", func(t *testing.T) {
+		healthy(t, "doc2")
 		cidr := podCIDR(t, c, n2)
-		// Keep deleting node1's route to node2's pods while doctor runs:
-		// knit puts it back at its next sync, which must not race the check.
-		stop := make(chan struct{})
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				_, _ = n1.Exec(ctx, "ip", "route", "del", cidr)
-				select {
-				case <-stop:
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
+		// knit's overlay puts a deleted route back within a second, so
+		// for the route to stay deleted node1's agent runs without it,
+		// as an agent started with --components=cni,proxy,dns,ingress
+		// would (a knit-proxy/knit-dns-only node).
+		n1.StopAgent()
+		if err := n1.StartAgentWith("--components=cni,proxy,dns,ingress"); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			n1.StopAgent()
+			if err := n1.StartAgent(); err != nil {
+				t.Fatal(err)
+			}
+			if err := n1.WaitAgentReady(ctx, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+			// The overlay restores the route as it starts.
+			err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+				out, _ := n1.Exec(ctx, "ip", "route", "show", cidr)
+				return strings.Contains(out, "proto 75"), nil
+			})
+			if err != nil {
+				t.Errorf("knit did not restore the route to %s on node1", cidr)
 			}
 		}()
-		rep, code := runDoctor(t, c, ns+"/doc2", "--from", "node/"+n1.Name)
-		close(stop)
-		wg.Wait()
-		expectVerdict(t, rep, code, doctor.CheckProbes, "node1 has no knit route to node2's pod network "+cidr)
-		// The overlay's periodic full sync repairs it.
-		err := wait.PollUntilContextTimeout(ctx, 500*time.Millisecond, 45*time.Second, true, func(ctx context.Context) (bool, error) {
-			out, _ := n1.Exec(ctx, "ip", "route", "show", cidr)
-			return strings.Contains(out, "proto 75"), nil
-		})
-		if err != nil {
-			t.Errorf("knit did not restore the route to %s on node1 within 45 s", cidr)
+		if err := n1.WaitAgentReady(ctx, time.Minute); err != nil {
+			t.Fatal(err)
 		}
+		if out, err := n1.Exec(ctx, "ip", "route", "del", cidr); err != nil {
+			t.Fatalf("ip route del %s: %v: %s", cidr, err, out)
+		}
+		rep, code := runDoctor(t, c, ns+"/doc2", "--from", "node/"+n1.Name)
+		expectVerdict(t, rep, code, doctor.CheckProbes, "node1 has no knit route to node2's pod network "+cidr,
+			"via 198.18.0.254 dev eth0", "knit's overlay does not run on node1")
+	})
+
+	t.Run("route shadowed by a more specific one", func(t *testing.T) {
+		healthy(t, "doc2")
+		ip := doc2[0].Status.PodIP
+		if out, err := n1.Exec(ctx, "ip", "route", "add", ip+"/32", "via", lab.UnderlayGateway); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		defer func() { _, _ = n1.Exec(ctx, "ip", "route", "del", ip+"/32") }()
+		rep, code := runDoctor(t, c, ns+"/doc2", "--from", "node/"+n1.Name)
+		expectVerdict(t, rep, code, doctor.CheckProbes, "node1 has knit's route "+podCIDR(t, c, n2)+" dev knit-vx4, but sends "+ip+" via 198.18.0.254 dev eth0",
+			"ip route get "+ip)
 	})
 
 	t.Run("wrong MTU", func(t *testing.T) {
+		healthy(t, "doc2")
 		if out, err := n2.Exec(ctx, "ip", "link", "set", "eth0", "mtu", "1400"); err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}

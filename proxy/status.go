@@ -40,11 +40,17 @@ func (s *statusState) record(st *state, res syncResult, full bool, err error) {
 func (p *Proxier) Status() *status.Proxy {
 	st := &status.Proxy{
 		Sync:      p.status.rec.Get(),
-		Backend:   BackendNFTables, // the only backend implemented
-		Table:     tableName,
+		Backend:   BackendNFTables,
+		Table:     "inet " + tableName,
 		Services:  int(p.status.services.Load()),
 		Endpoints: int(p.status.endpoints.Load()),
 		Rules:     int(p.status.rules.Load()),
+	}
+	if p.ipt != nil {
+		st.Backend, st.Table = BackendIPTables, "KNIT-* chains"
+		if p.ipt.detect != nil {
+			st.Backend += "-" + p.ipt.detect.variant
+		}
 	}
 	if t := p.status.lastFull.Load(); t != 0 {
 		st.LastFullSync = time.Unix(0, t)
@@ -74,6 +80,10 @@ func ServiceChain(ipv6 bool, namespace, name, proto, port string, local bool) st
 	}
 	return chainName(prefix, f, namespace+"/"+name+"/"+proto+"/"+port)
 }
+
+// EndpointsMap is the map shared by the pick chains of one family and
+// protocol: (ClusterIP . port . index) -> endpoint address . port.
+func EndpointsMap(ipv6 bool, proto string) string { return endpointsMap(boolFamily(ipv6), proto) }
 
 // ServiceIPsMap and NoEndpointServicesMap are the verdict maps keyed on
 // "address . protocol . port" that hold, per family, the ClusterIPs with
