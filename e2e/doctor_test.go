@@ -141,6 +141,12 @@ func TestDoctor(t *testing.T) {
 				t.Errorf("check %s: %s (%s), want ok", r.Check, r.Outcome, r.Summary)
 			}
 		}
+		// From a pod: the probes start on its node.
+		rep, code = runDoctor(t, c, ns+"/doc", "--from", "pod/"+doc2[0].Name)
+		expectVerdict(t, rep, code, "")
+		if got := strings.Join(rep.From, ","); got != n2.Name {
+			t.Errorf("--from pod/%s probed from %s, want its node %s", doc2[0].Name, got, n2.Name)
+		}
 		// The plain output names the server the name resolved through.
 		out, code := knitCLI(t, c, "doctor", ns+"/doc2", "--from", "node/"+n1.Name)
 		if code != 0 || !strings.Contains(out, "through 10.43.0.10:53 from node1") || !strings.Contains(out, "Every check passed.") {
