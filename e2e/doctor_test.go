@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os/exec"
 	"strings"
 	"testing"
@@ -314,6 +315,23 @@ func TestDoctor(t *testing.T) {
 		defer func() {
 			if out, err := n2.Exec(ctx, "ip", "link", "set", "eth0", "mtu", "1500"); err != nil {
 				t.Errorf("restore MTU: %v: %s", err, out)
+			}
+			// If node2's overlay synced meanwhile it lowered the pod MTU;
+			// wait until it is back, so later tests see the usual 1450.
+			err := wait.PollUntilContextTimeout(ctx, 500*time.Millisecond, 45*time.Second, true, func(ctx context.Context) (bool, error) {
+				resp, err := http.Get(n2.HealthURL() + "/status")
+				if err != nil {
+					return false, nil
+				}
+				defer resp.Body.Close()
+				var doc status.Node
+				if json.NewDecoder(resp.Body).Decode(&doc) != nil || doc.Overlay == nil {
+					return false, nil
+				}
+				return doc.Overlay.PodMTU == 1450 && doc.Overlay.UnderlayMTU == 1500, nil
+			})
+			if err != nil {
+				t.Errorf("node2's overlay did not return to pod MTU 1450 after the underlay MTU was restored")
 			}
 		}()
 		rep, code := runDoctor(t, c, ns+"/doc2", "--from", "node/"+n1.Name)
