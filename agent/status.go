@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"reflect"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -61,9 +60,10 @@ func (a *Agent) serveStatus(w http.ResponseWriter, _ *http.Request) {
 }
 
 // publishStatus keeps this node's status Lease current: the Summary is
-// written when it changes (at most every MinPublishInterval) and the Lease
-// renewed every RenewInterval otherwise, so a quiet node costs one API
-// write a minute and nobody watches these Leases. On return (the agent is
+// written when the node's own state changes (readiness, errors, podCIDRs,
+// MTU: at most every MinPublishInterval) and with fresh counters at every
+// renewal (RenewInterval), so a node costs about one API write a minute
+// however busy the cluster is, and nobody watches these Leases. On return (the agent is
 // stopping) it writes State "stopped", best effort.
 func (a *Agent) publishStatus(ctx context.Context) {
 	var last *status.Summary
@@ -73,7 +73,7 @@ func (a *Agent) publishStatus(ctx context.Context) {
 	failures := 0
 	for {
 		sum := status.Summarize(a.statusDoc(), status.StateRunning)
-		due := last == nil || time.Since(lastWrite) >= status.RenewInterval || !reflect.DeepEqual(*last, sum)
+		due := last == nil || time.Since(lastWrite) >= status.RenewInterval || !last.SameState(sum)
 		if due && failures > 0 && time.Since(lastWrite) < time.Duration(min(failures, 6))*status.MinPublishInterval {
 			due = false // back off while the API server fails us
 		}

@@ -279,7 +279,7 @@ not know the name of an object that does not exist yet).`, ing.LeaseNamespace, i
 			},
 			header: fmt.Sprintf(`Each agent keeps a Lease %s<node> in this namespace with a summary of
 its status (knit status, knit doctor read them): renewed once a minute,
-rewritten when the summary changes, watched by nobody. Only knit's objects
+rewritten sooner only when the node's own state changes, watched by nobody. Only knit's objects
 live in this namespace; RBAC cannot limit an agent to its own node's Lease
 (the agents share one ServiceAccount). list is for knit status and knit doctor
 run inside knit's pod on a node (kubectl exec), with this ServiceAccount.`, status.LeasePrefix),

@@ -13,8 +13,9 @@
 //	agent: Node document = sections + supervisor facts (ready, restarts)
 //	    GET /status on the health listener           -> the full document
 //	    Lease knit-system/knit-node-<node>, annotation status.knit.dev/summary
-//	        -> Summary (no per-peer lists), written when it changes (at most
-//	           every MinPublishInterval) and renewed every RenewInterval
+//	        -> Summary (no per-peer lists), renewed with fresh counters every
+//	           RenewInterval, and written at once (at most every
+//	           MinPublishInterval) when the node's own state changes (SameState)
 //	`knit status` / `knit doctor`:
 //	    cluster view: Nodes + Leases from the API (works with a kubeconfig only)
 //	    node detail:  GET /status from each agent it can reach
@@ -22,6 +23,7 @@ package status
 
 import (
 	"fmt"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -194,7 +196,8 @@ const (
 
 // Summarize compacts a Node document. Times that change on every sync are
 // left out (except the proxy's, rounded to the minute), so that an
-// unchanged node yields an identical Summary and causes no API write.
+// unchanged node yields an identical Summary; see SameState for what
+// makes an agent write its Lease before the periodic renewal.
 func Summarize(n *Node, state string) Summary {
 	s := Summary{Version: Version, Node: n.Node, Agent: n.Agent, State: state, Started: n.Started.UTC().Truncate(time.Second), HealthAddr: n.HealthAddr}
 	for _, c := range n.Components {
@@ -238,6 +241,20 @@ func Summarize(n *Node, state string) Summary {
 		s.Ingresses = i.Ingresses
 	}
 	return s
+}
+
+// SameState reports whether two summaries differ only in counters (peers,
+// Services, endpoints, names, Ingresses, the proxy's sync minute). Those
+// change with every Service or Node anywhere in the cluster; an agent
+// publishes them with its periodic renewal only, so that one change does
+// not make every node write its Lease at once.
+func (s Summary) SameState(o Summary) bool {
+	strip := func(x Summary) Summary {
+		x.PeersKnown, x.PeersRouted, x.Services, x.Endpoints, x.DNSNames, x.Ingresses = 0, 0, 0, 0, 0, 0
+		x.ProxySync = time.Time{}
+		return x
+	}
+	return reflect.DeepEqual(strip(s), strip(o))
 }
 
 func truncate(s string, n int) string {

@@ -68,3 +68,28 @@ func TestSyncRecorder(t *testing.T) {
 		t.Error("LeaseName")
 	}
 }
+
+func TestSameState(t *testing.T) {
+	base := Summary{Node: "n1", State: StateRunning, Services: 3, PeersKnown: 2, PodMTU: 1450}
+	tests := []struct {
+		name string
+		mod  func(*Summary)
+		same bool
+	}{
+		{"identical", func(*Summary) {}, true},
+		{"a Service more somewhere", func(s *Summary) { s.Services, s.Endpoints = 4, 9 }, true},
+		{"a node more", func(s *Summary) { s.PeersKnown, s.PeersRouted = 3, 3 }, true},
+		{"proxy synced a minute later", func(s *Summary) { s.ProxySync = time.Unix(60, 0) }, true},
+		{"a component not ready", func(s *Summary) { s.NotReady = []string{"dns"} }, false},
+		{"a sync error", func(s *Summary) { s.Errors = []string{"proxy: boom"} }, false},
+		{"stopped", func(s *Summary) { s.State = StateStopped }, false},
+		{"MTU changed", func(s *Summary) { s.PodMTU = 1350 }, false},
+	}
+	for _, tt := range tests {
+		o := base
+		tt.mod(&o)
+		if got := base.SameState(o); got != tt.same {
+			t.Errorf("%s: SameState = %v, want %v", tt.name, got, tt.same)
+		}
+	}
+}
