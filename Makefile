@@ -11,7 +11,7 @@ bench:
 
 # knit's container image, built without a Docker daemon (hack/image, a Go
 # module of its own using go-containerregistry): a static knit binary for
-# linux/amd64 and linux/arm64 plus the nft userland from Debian packages.
+# linux/amd64 and linux/arm64 plus the nft and iptables userland from Debian packages.
 # Writes .cache/image/knit-oci.tar (every platform; OCI layout:
 # `ctr -n k8s.io images import --all-platforms`, `skopeo copy oci-archive:`)
 # and .cache/image/knit-linux-<arch>.tar (one platform: `docker load`,

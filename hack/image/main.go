@@ -1,6 +1,6 @@
 // Command image builds knit's container image without a Docker daemon, with
 // github.com/google/go-containerregistry: for each platform (linux/amd64,
-// linux/arm64 by default) a static knit binary and the nft userland the
+// linux/arm64 by default) a static knit binary and the netfilter userland the
 // agent needs (knftables runs nft), as an OCI image; then one multi-platform
 // OCI archive and one single-platform archive per platform.
 //
@@ -66,11 +66,15 @@ const binaryPath = "usr/local/bin/knit"
 // 10 ms faster per exec than the multi-call binary).
 const pluginPath = "usr/local/bin/knit-cni"
 
-// nftPackages are the Debian packages that make /usr/sbin/nft run: nftables
-// and the libraries `ldd /usr/sbin/nft` lists, libc6 included.
+// nftPackages are the Debian packages of the netfilter userland the agent
+// runs: nft (knftables execs it; the proxy's and overlay's default) and
+// iptables-legacy/iptables-nft with their -save/-restore (the proxy's
+// iptables backend, for kernels without nftables), plus the libraries
+// `ldd` lists for them, libc6 included.
 var nftPackages = []string{
 	"nftables", "libnftables1", "libnftnl11", "libmnl0", "libjansson4", "libgmp10",
 	"libxtables12", "libedit2", "libtinfo6", "libbsd0", "libmd0", "libc6",
+	"iptables", "libip4tc2", "libip6tc2", "libnetfilter-conntrack3", "libnfnetlink0",
 }
 
 // dropPrefixes are paths of the .debs that a container never reads.
@@ -397,7 +401,8 @@ func verify(img v1.Image, out, arch string) error {
 	if err := untar(tar.NewReader(rc), root); err != nil {
 		return err
 	}
-	for _, args := range [][]string{{"/" + binaryPath, "version"}, {"/" + pluginPath}, {"/usr/sbin/nft", "--version"}} {
+	for _, args := range [][]string{{"/" + binaryPath, "version"}, {"/" + pluginPath}, {"/usr/sbin/nft", "--version"},
+		{"/usr/sbin/iptables-legacy-restore", "--version"}, {"/usr/sbin/iptables-nft-restore", "--version"}} {
 		cmd := exec.Command("chroot", append([]string{root}, args...)...)
 		if args[0] == "/"+pluginPath {
 			cmd.Env = append(os.Environ(), "CNI_COMMAND=VERSION") // the plugin's supported versions, as JSON
