@@ -197,11 +197,13 @@ func (c *Controller) openGuard(ctx context.Context) *guard {
 	}
 	nft, err := c.newNFT()
 	if err != nil {
+		c.m.guardErrors.WithLabelValues("install").Inc()
 		c.log.Warn("ingress restart guard unavailable: new connections are refused while the agent restarts", "err", err)
 		return nil
 	}
 	g := newGuard(nft, c.log, c.HTTPAddr(), c.HTTPSAddr())
 	if err := g.serving(ctx, true); err != nil {
+		c.m.guardErrors.WithLabelValues("install").Inc()
 		c.log.Warn("ingress restart guard not installed: new connections are refused while the agent restarts", "err", err)
 		return nil
 	}
@@ -219,6 +221,7 @@ func (c *Controller) refreshGuard(ctx context.Context, g *guard) {
 			return
 		case <-t.C:
 			if err := g.serving(ctx, false); err != nil && ctx.Err() == nil {
+				c.m.guardErrors.WithLabelValues("refresh").Inc()
 				c.log.Warn("ingress restart guard refresh failed", "err", err)
 			}
 		}
@@ -235,6 +238,7 @@ func (c *Controller) drainGuard(g *guard) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if err := g.draining(ctx); err != nil {
+		c.m.guardErrors.WithLabelValues("drain").Inc()
 		c.log.Warn("ingress restart guard: draining failed; connections arriving during the restart are refused", "err", err)
 		return
 	}

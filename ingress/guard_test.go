@@ -136,6 +136,48 @@ func TestGuard(t *testing.T) {
 	}
 }
 
+// TestControllerGuardUnavailable: without nftables the ingress serves
+// anyway, and the failure is counted.
+func TestControllerGuardUnavailable(t *testing.T) {
+	client := fake.NewClientset()
+	factory := informers.NewSharedInformerFactory(client, 0)
+	src := Sources{
+		Ingresses:      factory.Networking().V1().Ingresses(),
+		IngressClasses: factory.Networking().V1().IngressClasses(),
+		Services:       factory.Core().V1().Services(),
+		EndpointSlices: factory.Discovery().V1().EndpointSlices(),
+		Secrets:        factory.Core().V1().Secrets().Informer(),
+	}
+	reg := prometheus.NewRegistry()
+	c, err := New(Config{HTTPAddr: "127.0.0.1:0", RestartGuard: true}, src, reg, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.newNFT = func() (knftables.Interface, error) { return nil, errors.New("nft: not found") }
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	factory.Start(ctx.Done())
+	go func() { _ = c.Run(ctx) }()
+	eventually(t, "ready", c.Ready)
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := -1.0
+	for _, f := range families {
+		if f.GetName() == "knit_ingress_restart_guard_errors_total" {
+			for _, m := range f.GetMetric() {
+				if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == "install" {
+					got = m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	if got != 1 {
+		t.Errorf("knit_ingress_restart_guard_errors_total{step=\"install\"} = %v, want 1", got)
+	}
+}
+
 // TestControllerGuard: a Controller with RestartGuard guards its bound
 // port while it serves and drains it when its context ends.
 func TestControllerGuard(t *testing.T) {

@@ -19,6 +19,7 @@ type metrics struct {
 	retries       prometheus.Counter
 	ejections     prometheus.Counter
 	statusWrites  prometheus.Counter
+	guardErrors   *prometheus.CounterVec
 
 	noRoute *routeMetrics
 }
@@ -71,9 +72,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "knit_ingress_status_updates_total",
 			Help: "Ingress status.loadBalancer updates written.",
 		}),
+		guardErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "knit_ingress_restart_guard_errors_total",
+			Help: "Failures to program the restart guard (table inet knit-ingress), by step: install, refresh, drain.",
+		}, []string{"step"}),
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.duration, m.activeConns, m.swaps, m.rebuild,
-		m.problems, m.routes, m.upstreamDials, m.retries, m.ejections, m.statusWrites} {
+		m.problems, m.routes, m.upstreamDials, m.retries, m.ejections, m.statusWrites, m.guardErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
