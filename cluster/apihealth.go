@@ -109,12 +109,28 @@ type gatedTransport struct {
 }
 
 func (t *gatedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.Method == http.MethodGet {
+	get := req.Method == http.MethodGet && req.Body == nil
+	if get {
 		t.health.wait(req.Context())
 	}
 	resp, err := t.next.RoundTrip(req)
 	if err != nil && isConnError(err) && req.Context().Err() == nil {
 		t.health.markDown(err)
+		if get {
+			// The GET that found the server gone is held too, and sent
+			// again once it is back: every failure client-go sees grows
+			// its reflector's backoff, which it waits out again after the
+			// relist that follows the outage (measured: new objects live
+			// 2-4 s after the server's return with this first failure
+			// counted).
+			t.health.wait(req.Context())
+			if req.Context().Err() == nil {
+				resp, err = t.next.RoundTrip(req.Clone(req.Context()))
+				if err != nil && isConnError(err) && req.Context().Err() == nil {
+					t.health.markDown(err)
+				}
+			}
+		}
 	}
 	return resp, err
 }

@@ -40,37 +40,66 @@ func TestGateHoldsListsDuringOutage(t *testing.T) {
 	gt := &gatedTransport{next: rt, health: health}
 	req, _ := http.NewRequest(http.MethodGet, "https://api/api/v1/services", nil)
 
-	if _, err := gt.RoundTrip(req); err == nil {
-		t.Fatal("first request during an outage should fail (nobody knew yet)")
+	// The first GET finds the server gone: it marks it down and is held
+	// too (sent again after recovery), like every GET after it.
+	done := make(chan error, 2)
+	start := time.Now()
+	for range 2 {
+		go func() {
+			_, err := gt.RoundTrip(req)
+			done <- err
+		}()
+		time.Sleep(50 * time.Millisecond)
 	}
 	if !health.Down() {
 		t.Fatal("a connection error must mark the server down")
 	}
-	done := make(chan error, 1)
-	start := time.Now()
-	go func() {
-		_, err := gt.RoundTrip(req)
-		done <- err
-	}()
 	select {
 	case err := <-done:
-		t.Fatalf("GET during the outage returned at once (%v); it should be held", err)
+		t.Fatalf("GET during the outage returned (%v); it should be held", err)
 	case <-time.After(3 * probeInterval):
 	}
 	up.Store(true)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("held GET failed after recovery: %v", err)
+	for range 2 {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("held GET failed after recovery: %v", err)
+			}
+			if waited := time.Since(start); waited > 3*probeInterval+2*time.Second {
+				t.Errorf("held GET took %v after recovery", waited)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("held GET not released after the server came back")
 		}
-		if waited := time.Since(start); waited > 3*probeInterval+2*time.Second {
-			t.Errorf("held GET took %v after recovery", waited)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("held GET not released after the server came back")
 	}
 	if health.Down() {
 		t.Error("server still marked down")
+	}
+	if n := rt.calls.Load(); n != 3 {
+		t.Errorf("%d round trips, want 3 (the failed first, then each GET once)", n)
+	}
+}
+
+// TestGateFirstGetGivesUpWithItsContext: the GET that found the server
+// gone is held only as long as its own context allows.
+func TestGateFirstGetGivesUpWithItsContext(t *testing.T) {
+	var up atomic.Bool
+	rt := &fakeRT{up: &up}
+	health := newAPIHealth(func(context.Context) error { return errors.New("down") }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	gt := &gatedTransport{next: rt, health: health}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://api/api/v1/services", nil)
+	start := time.Now()
+	if _, err := gt.RoundTrip(req); err == nil {
+		t.Fatal("a GET whose context ended during the outage succeeded")
+	}
+	if took := time.Since(start); took < 250*time.Millisecond || took > 2*time.Second {
+		t.Errorf("returned after %v, want when its context ended (300 ms)", took)
+	}
+	if n := rt.calls.Load(); n != 1 {
+		t.Errorf("%d round trips, want 1", n)
 	}
 }
 
