@@ -6,7 +6,8 @@
 //
 //	kube-apiserver --(list/watch, gated by apiHealth; connections closed
 //	    when their local address goes away: localaddr.go)--> reflectors
-//	    --(transform: drop managedFields, big annotations, unused Pod fields)-->
+//	    --(transform: drop managedFields, big annotations, unused Pod and
+//	       EndpointSlice fields)-->
 //	    one indexer per resource --> narrow informers handed to each component
 //
 // Components never get the factory itself: the agent passes each one only the
@@ -26,6 +27,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -130,8 +133,18 @@ const lastApplied = "kubectl.kubernetes.io/last-applied-configuration"
 // Slim is the transform every informer applies before an object enters the
 // cache: it drops what no knit component reads, so that memory stays
 // proportional to what knit needs (DESIGN: 1,000 Services / 10,000 endpoints
-// / 1,000 Pods in 64 MiB for the whole agent).
+// / 1,000 Pods in 64 MiB for the whole agent; docs/benchmarks.md, Memory).
+//
+// An object that a component writes back whole must keep everything the
+// API server would take from the write: the ingress updates Ingress status
+// with UpdateStatus of a copy of the cached object, and a write through a
+// built-in type's /status stores its metadata too, so Ingresses only lose
+// managedFields (which an update leaves unchanged when it omits them).
 func Slim(obj any) (any, error) {
+	if ing, ok := obj.(*networkingv1.Ingress); ok {
+		ing.ManagedFields = nil
+		return ing, nil
+	}
 	// Tombstones and other non-objects pass through untouched.
 	if m, err := meta.Accessor(obj); err == nil {
 		m.SetManagedFields(nil)
@@ -146,8 +159,30 @@ func Slim(obj any) (any, error) {
 		return slimPod(o), nil
 	case *corev1.Node:
 		slimNode(o)
+	case *discoveryv1.EndpointSlice:
+		slimEndpointSlice(o)
 	}
 	return obj, nil
+}
+
+// slimEndpointSlice drops the per-endpoint parts no component reads: the
+// targetRef (a whole object reference per endpoint, the biggest part of a
+// controller-written slice), the deprecated topology map, the owner
+// reference, and every annotation but the last-change trigger time (the
+// proxy's programming latency metric).
+func slimEndpointSlice(s *discoveryv1.EndpointSlice) {
+	s.OwnerReferences = nil
+	if len(s.Annotations) > 0 {
+		v, ok := s.Annotations[corev1.EndpointsLastChangeTriggerTime]
+		s.Annotations = nil
+		if ok {
+			s.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: v}
+		}
+	}
+	for i := range s.Endpoints {
+		s.Endpoints[i].TargetRef = nil
+		s.Endpoints[i].DeprecatedTopology = nil
+	}
 }
 
 // slimPod keeps only what knit reads from a Pod: identity, labels (doctor's

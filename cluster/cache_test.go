@@ -4,6 +4,8 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/cache"
 )
@@ -68,6 +70,59 @@ func TestSlim(t *testing.T) {
 				n := out.(*corev1.Node)
 				if n.Status.Images != nil || len(n.Status.Addresses) != 1 {
 					t.Errorf("got %+v", n.Status)
+				}
+			},
+		},
+		{
+			name: "endpointslice loses targetRefs, owners and annotations but the trigger time",
+			in: &discoveryv1.EndpointSlice{
+				ObjectMeta: metav1.ObjectMeta{Name: "s-abcde", Namespace: "ns",
+					Labels:          map[string]string{discoveryv1.LabelServiceName: "s"},
+					OwnerReferences: []metav1.OwnerReference{{Kind: "Service", Name: "s"}},
+					Annotations: map[string]string{
+						corev1.EndpointsLastChangeTriggerTime: "2026-12-04T21:00:00Z",
+						"other":                               "x",
+					}},
+				Endpoints: []discoveryv1.Endpoint{{
+					Addresses:          []string{"10.42.0.2"},
+					Conditions:         discoveryv1.EndpointConditions{Ready: new(true)},
+					Hostname:           new("h"),
+					NodeName:           new("n1"),
+					Zone:               new("z"),
+					Hints:              &discoveryv1.EndpointHints{ForZones: []discoveryv1.ForZone{{Name: "z"}}},
+					TargetRef:          &corev1.ObjectReference{Kind: "Pod", Namespace: "ns", Name: "p"},
+					DeprecatedTopology: map[string]string{"k": "v"},
+				}},
+			},
+			check: func(t *testing.T, out any) {
+				s := out.(*discoveryv1.EndpointSlice)
+				e := s.Endpoints[0]
+				if e.TargetRef != nil || e.DeprecatedTopology != nil || s.OwnerReferences != nil {
+					t.Errorf("slice not slimmed: %+v", s)
+				}
+				if len(s.Annotations) != 1 || s.Annotations[corev1.EndpointsLastChangeTriggerTime] == "" {
+					t.Errorf("annotations: got %v, want only the trigger time", s.Annotations)
+				}
+				if s.Labels[discoveryv1.LabelServiceName] != "s" || e.Addresses[0] != "10.42.0.2" || !*e.Conditions.Ready ||
+					*e.Hostname != "h" || *e.NodeName != "n1" || *e.Zone != "z" || e.Hints == nil {
+					t.Errorf("slice lost a field knit reads: %+v", s)
+				}
+			},
+		},
+		{
+			// UpdateStatus writes metadata too: what is dropped here
+			// would be deleted on the server by the ingress's status write.
+			name: "ingress keeps its annotations (written back by UpdateStatus)",
+			in: &networkingv1.Ingress{ObjectMeta: metav1.ObjectMeta{
+				Name:            "i",
+				ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "kubectl"}},
+				OwnerReferences: []metav1.OwnerReference{{Kind: "Thing", Name: "t"}},
+				Annotations:     map[string]string{lastApplied: "{...}"},
+			}},
+			check: func(t *testing.T, out any) {
+				i := out.(*networkingv1.Ingress)
+				if i.ManagedFields != nil || i.Annotations[lastApplied] == "" || len(i.OwnerReferences) != 1 {
+					t.Errorf("got %+v", i.ObjectMeta)
 				}
 			},
 		},
