@@ -24,7 +24,6 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
-	"runtime/debug"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -61,6 +60,9 @@ type Config struct {
 	// /debug/pprof/ on HealthAddr. Off by default: the CPU profile and
 	// trace endpoints cost CPU for as long as a client asks.
 	Profiling bool
+	// GCPercent, when > 0, is the collector's GOGC; 0 means the GOGC
+	// environment variable if set, else defaultGCPercent (see memory.go).
+	GCPercent int
 	// MemoryLimit, when > 0, is the Go runtime's soft memory limit in
 	// bytes (runtime/debug.SetMemoryLimit; see memory.go). 0 leaves the
 	// runtime's own (GOMEMLIMIT, else none).
@@ -168,9 +170,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}()
 	a.log.Info("agent starting", "node", a.cfg.NodeName, "components", a.componentNames(), "health", ln.Addr().String())
-	if a.cfg.MemoryLimit > 0 {
-		debug.SetMemoryLimit(a.cfg.MemoryLimit)
-	}
+	a.tuneGC()
 	if a.cfg.ReleaseStartupPages {
 		go a.releaseStartupPagesWhenReady(ctx)
 	}

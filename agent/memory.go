@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -28,10 +29,33 @@ import (
 // becomes ordinary unmapped page cache, the first thing the kernel
 // reclaims.
 //
-// The Go heap. MemoryLimit is the runtime's soft limit
+// The Go heap. By default (GOGC=100) the collector lets the heap grow to
+// twice the live data before it runs; the agent's default is
+// defaultGCPercent, so the heap stays within 1.5 times the live data. The
+// agent allocates little once synced (watch events, DNS answers are
+// prepacked), so collecting more often costs little CPU; GOGC or
+// --gc-percent override it. MemoryLimit is the runtime's soft limit
 // (runtime/debug.SetMemoryLimit, the same as GOMEMLIMIT): near it the
-// collector runs more often rather than letting the heap grow to twice the
-// live data (GOGC=100).
+// collector runs more often still. It is off by default: a fixed limit
+// below what a large cluster's live data needs would make the collector
+// run continuously (up to half the CPU); set it (or GOMEMLIMIT) to about
+// the container's memory limit.
+
+// defaultGCPercent is the agent's GOGC unless told otherwise.
+const defaultGCPercent = 50
+
+// tuneGC applies GCPercent and MemoryLimit.
+func (a *Agent) tuneGC() {
+	switch {
+	case a.cfg.GCPercent > 0:
+		debug.SetGCPercent(a.cfg.GCPercent)
+	case os.Getenv("GOGC") == "":
+		debug.SetGCPercent(defaultGCPercent)
+	}
+	if a.cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(a.cfg.MemoryLimit)
+	}
+}
 
 // releaseDelay is how long after the agent first became Ready it releases
 // its start-up pages: the informers' initial lists and the components'

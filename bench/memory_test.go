@@ -91,7 +91,9 @@ const (
 // memKnitVariants are extra agent flags the loaded phase measures knit with
 // too, one restart each (the anchors are not restarted).
 var memKnitVariants = [][]string{
-	{"--release-startup-pages"},
+	{"--release-startup-pages=false"},
+	{"--gc-percent=100"},
+	{"--gc-percent=100", "--release-startup-pages=false"},
 }
 
 // memProc is one process whose memory is measured.

@@ -41,8 +41,9 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "cluster-domain", Value: "cluster.local"},
 			&cli.StringFlag{Name: "health-addr", Value: "127.0.0.1:9940", Usage: "address for /healthz, /readyz and /metrics"},
 			&cli.BoolFlag{Name: "pprof", Usage: "also serve Go profiles (net/http/pprof) under /debug/pprof/ on --health-addr"},
-			&cli.StringFlag{Name: "memory-limit", Value: "0", Usage: "Go runtime soft memory limit (e.g. 40Mi); 0: GOMEMLIMIT if set, else none"},
-			&cli.BoolFlag{Name: "release-startup-pages", Usage: "once Ready, unmap the binary's pages touched only at start-up (lower RSS; see docs/benchmarks.md, Memory)"},
+			&cli.IntFlag{Name: "gc-percent", Usage: "Go collector's GOGC; 0: GOGC if set, else 50"},
+			&cli.StringFlag{Name: "memory-limit", Value: "0", Usage: "Go runtime soft memory limit (e.g. 100Mi); 0: GOMEMLIMIT if set, else none"},
+			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once Ready, unmap the binary's pages touched only at start-up (see docs/benchmarks.md, Memory)"},
 			&cli.StringFlag{Name: "state-dir", Value: "/var/lib/knit", Usage: "persistent state (IPAM reservations)"},
 			&cli.StringFlag{Name: "run-dir", Value: "/run/knit", Usage: "runtime state (node network config for the CNI plugin)"},
 			&cli.StringFlag{Name: "cni-conf-dir", Value: "/etc/cni/net.d"},
@@ -122,6 +123,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		return cfg, fmt.Errorf("--memory-limit: want a size such as 40Mi or 0, got %q", c.String("memory-limit"))
 	}
 	cfg.MemoryLimit = limit.Value()
+	if cfg.GCPercent = c.Int("gc-percent"); cfg.GCPercent < 0 {
+		return cfg, fmt.Errorf("--gc-percent: want 0 or more, got %d", cfg.GCPercent)
+	}
 	cfg.ReleaseStartupPages = c.Bool("release-startup-pages")
 	comp := &cfg.Component
 	comp.Overlay = overlay.DefaultConfig()

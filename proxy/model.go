@@ -367,7 +367,8 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, bad invalidFunc
 			bad("EndpointSlice", name, fmt.Sprintf("port %q: no valid port number", pname))
 			continue
 		}
-		sp := slicePort{portKey: portKey{name: pname, proto: proto}}
+		// Sized once: these lists are the proxy's copy of every endpoint.
+		sp := slicePort{portKey: portKey{name: pname, proto: proto}, endpoints: make([]endpoint, 0, len(eps))}
 		for _, e := range eps {
 			e.port = uint16(*p.Port)
 			sp.endpoints = append(sp.endpoints, e)
