@@ -92,6 +92,7 @@ const (
 // too, one restart each (the anchors are not restarted).
 var memKnitVariants = [][]string{
 	{"--release-startup-pages=false"},
+	{"--gc-percent=50"},
 	{"--gc-percent=100"},
 	{"--gc-percent=100", "--release-startup-pages=false"},
 }
@@ -126,6 +127,7 @@ type memReading struct {
 	heapInuse, heapSys int64 // Go runtime, from /metrics (0: not exported)
 	stacks, goSys      int64
 	synced             time.Duration // process start to synced
+	cpuSynced, cpuEnd  time.Duration // CPU time (user+system) when synced, at the last reading
 }
 
 // BenchmarkMemory measures the memory of the knit agent with every
@@ -337,6 +339,7 @@ func (s *memSetup) run(ctx context.Context, b *testing.B, procs []*memProc, want
 				return err
 			}
 			pick(procs[0]).synced = time.Since(start)
+			pick(procs[0]).cpuSynced, _ = procCPU(procs[0].pid())
 			return nil
 		},
 	}
@@ -346,12 +349,14 @@ func (s *memSetup) run(ctx context.Context, b *testing.B, procs []*memProc, want
 				return fmt.Errorf("kube-proxy: %w (log %s)", err, s.kubeProxy.log)
 			}
 			pick(procs[1]).synced = time.Since(start)
+			pick(procs[1]).cpuSynced, _ = procCPU(procs[1].pid())
 			return nil
 		}, func() error {
 			if err := dnsWaitAnswers(ctx, s.node2.Netns(), s.coredns, want, memSyncTimeout); err != nil {
 				return err
 			}
 			pick(procs[2]).synced = time.Since(start)
+			pick(procs[2]).cpuSynced, _ = procCPU(procs[2].pid())
 			return nil
 		})
 	}
@@ -382,6 +387,7 @@ func (s *memSetup) run(ctx context.Context, b *testing.B, procs []*memProc, want
 		r.rss, r.rssMax = samples[i][len(samples[i])/2], samples[i][len(samples[i])-1]
 		st := memStatus(p.pid())
 		r.hwm, r.anon, r.file = st["VmHWM"], st["RssAnon"], st["RssFile"]
+		r.cpuEnd, _ = procCPU(p.pid())
 		r.text, r.rodata, r.data = memBinaryResident(p.pid())
 		if p.metric != "" {
 			m := memMetrics(p.metric)
@@ -957,7 +963,7 @@ func memReport(b *testing.B, procs []*memProc, phases []string, bins map[string]
 		memServices, memNodePortEvery, memEndpoints, memServices*memEndpoints, memPods, memRealPods, memFakeNodes,
 		memIngresses, memTLS, created.Seconds())
 	w := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "phase\tprocess\tRSS MiB (median, max)\tpeak\tanon\tfile\tbinary text / rodata / data\tGo heap inuse / sys\tstacks\tGo sys\tsynced after\t")
+	fmt.Fprintln(w, "phase\tprocess\tRSS MiB (median, max)\tpeak\tanon\tfile\tbinary text / rodata / data\tGo heap inuse / sys\tstacks\tGo sys\tsynced after\tCPU s to synced / idle after\t")
 	for _, phase := range phases {
 		var sum memReading
 		anchors := 0
@@ -966,10 +972,10 @@ func memReport(b *testing.B, procs []*memProc, phases []string, bins map[string]
 			if r == nil {
 				continue
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s (%s)\t%s\t%s\t%s\t%s / %s / %s\t%s / %s\t%s\t%s\t%.1f s\t\n", phase, p.name,
+			fmt.Fprintf(w, "%s\t%s\t%s (%s)\t%s\t%s\t%s\t%s / %s / %s\t%s / %s\t%s\t%s\t%.1f s\t%.2f / %.2f\t\n", phase, p.name,
 				memMiB(r.rss), memMiB(r.rssMax), memMiB(r.hwm), memMiB(r.anon), memMiB(r.file),
 				memMiB(r.text), memMiB(r.rodata), memMiB(r.data), memMiB(r.heapInuse), memMiB(r.heapSys),
-				memMiB(r.stacks), memMiB(r.goSys), r.synced.Seconds())
+				memMiB(r.stacks), memMiB(r.goSys), r.synced.Seconds(), r.cpuSynced.Seconds(), (r.cpuEnd - r.cpuSynced).Seconds())
 			if p != procs[0] {
 				anchors++
 				sum.rss += r.rss

@@ -41,7 +41,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "cluster-domain", Value: "cluster.local"},
 			&cli.StringFlag{Name: "health-addr", Value: "127.0.0.1:9940", Usage: "address for /healthz, /readyz and /metrics"},
 			&cli.BoolFlag{Name: "pprof", Usage: "also serve Go profiles (net/http/pprof) under /debug/pprof/ on --health-addr"},
-			&cli.IntFlag{Name: "gc-percent", Usage: "Go collector's GOGC; 0: GOGC if set, else 50"},
+			&cli.IntFlag{Name: "gc-percent", Usage: "Go collector's GOGC; 0: GOGC if set, else 25"},
 			&cli.StringFlag{Name: "memory-limit", Value: "0", Usage: "Go runtime soft memory limit (e.g. 100Mi); 0: GOMEMLIMIT if set, else none"},
 			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once Ready, unmap the binary's pages touched only at start-up (see docs/benchmarks.md, Memory)"},
 			&cli.StringFlag{Name: "state-dir", Value: "/var/lib/knit", Usage: "persistent state (IPAM reservations)"},
