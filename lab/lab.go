@@ -177,7 +177,9 @@ func BuildKnit(ctx context.Context, cacheDir string) (string, error) {
 }
 
 // BuildReferencePlugins builds the reference CNI plugins (the benchmark
-// baseline) at the version pinned in go.mod into <cache>/bin/cni-ref.
+// baseline) at the version pinned in go.mod into <cache>/bin/cni-ref. They
+// are go.mod `tool` entries, which keeps their own dependencies in go.mod
+// and go.sum through `go mod tidy`.
 func BuildReferencePlugins(ctx context.Context, cacheDir string) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
