@@ -225,17 +225,10 @@ func (r *iptRenderer) renderPort(out *iptRender, svc types.NamespacedName, sp *s
 	match := iptMatch(sp.proto, sp.port)
 
 	es := categorize(eps, sp, r.topo)
-	usesCluster := len(es.cluster) > 0 && sp.usesClusterEndpoints()
-	usesLocal := len(es.local) > 0 && sp.usesLocalEndpoints()
-	internalChain, hasInternal := clusterChain, es.any
-	if sp.intLocal {
-		internalChain, hasInternal = localChain, len(es.local) > 0
-	}
-	externalPolicyChain, hasExternal := clusterChain, es.any
-	if sp.extLocal {
-		externalPolicyChain, hasExternal = localChain, len(es.local) > 0
-	}
-	usesExternal := es.any && sp.externallyAccessible()
+	pl := planPort(sp, es)
+	usesCluster, usesLocal, usesExternal := pl.usesCluster, pl.usesLocal, pl.usesExternal
+	hasInternal, hasExternal := pl.hasInternal, pl.hasExternal
+	internalChain, externalPolicyChain := pl.chains(clusterChain, localChain)
 	usesFW := usesExternal && len(sp.lbIPs) > 0 && len(sp.sourceRanges) > 0
 	lbChain := extChain
 	if usesFW {

@@ -293,18 +293,10 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 		}
 	}
 
-	usesCluster := len(es.cluster) > 0 && sp.usesClusterEndpoints()
-	usesLocal := len(es.local) > 0 && sp.usesLocalEndpoints()
-
-	internalChain, hasInternal := clusterChain, es.any
-	if sp.intLocal {
-		internalChain, hasInternal = localChain, len(es.local) > 0
-	}
-	externalPolicyChain, hasExternal := clusterChain, es.any
-	if sp.extLocal {
-		externalPolicyChain, hasExternal = localChain, len(es.local) > 0
-	}
-	usesExternal := es.any && sp.externallyAccessible()
+	pl := planPort(sp, es)
+	usesCluster, usesLocal, usesExternal := pl.usesCluster, pl.usesLocal, pl.usesExternal
+	hasInternal, hasExternal := pl.hasInternal, pl.hasExternal
+	internalChain, externalPolicyChain := pl.chains(clusterChain, localChain)
 	// A port reached only through its ClusterIP, without affinity, needs
 	// no chain of its own: it picks from the shared endpoints map.
 	shared := !affinity && !sp.externallyAccessible()

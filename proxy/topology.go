@@ -18,6 +18,48 @@ type endpointSets struct {
 	any                       bool
 }
 
+// portPlan is what a port's traffic policies make of its endpoint sets,
+// the same for both backends (nft and iptables): whether the Cluster and
+// Local policy chains are used at all, which of them internal (ClusterIP)
+// and external (NodePort, external and LB IPs) traffic goes to, and
+// whether that traffic has an endpoint (else it is rejected or dropped).
+type portPlan struct {
+	usesCluster, usesLocal, usesExternal bool
+	internalLocal, externalLocal         bool // the Local chain, not the Cluster one
+	hasInternal, hasExternal             bool
+}
+
+func planPort(sp *servicePort, es endpointSets) portPlan {
+	p := portPlan{
+		usesCluster:   len(es.cluster) > 0 && sp.usesClusterEndpoints(),
+		usesLocal:     len(es.local) > 0 && sp.usesLocalEndpoints(),
+		usesExternal:  es.any && sp.externallyAccessible(),
+		internalLocal: sp.intLocal,
+		externalLocal: sp.extLocal,
+		hasInternal:   es.any,
+		hasExternal:   es.any,
+	}
+	if sp.intLocal {
+		p.hasInternal = len(es.local) > 0
+	}
+	if sp.extLocal {
+		p.hasExternal = len(es.local) > 0
+	}
+	return p
+}
+
+// chains names the policy chains internal and external traffic go to.
+func (p portPlan) chains(clusterChain, localChain string) (internal, external string) {
+	internal, external = clusterChain, clusterChain
+	if p.internalLocal {
+		internal = localChain
+	}
+	if p.externalLocal {
+		external = localChain
+	}
+	return internal, external
+}
+
 // topology is what this node knows about itself for hints.
 type topology struct {
 	node string
