@@ -26,6 +26,12 @@ type Config struct {
 	// addresses.
 	ListenAddrs []netip.AddrPort
 
+	// RestartGuard installs the nftables table knit-dns, which drops (rather
+	// than refuses) queries to the served addresses while nothing is bound
+	// to them, so that clients retry across an agent restart (guard.go). On
+	// in DefaultConfig; off in the zero Config, so tests touch no firewall.
+	RestartGuard bool
+
 	// BindLocalIP makes Run put LocalIPs on the dummy link "knit-dns0"
 	// (idempotent; never removed) so that the kernel delivers packets for
 	// the cluster DNS Service IP to this node's socket. See the package
@@ -94,6 +100,7 @@ func DefaultConfig() Config {
 		UpstreamTimeout:       2 * time.Second,
 		UDPSize:               1232,
 		ResyncPeriod:          5 * time.Minute,
+		RestartGuard:          true,
 	}
 }
 

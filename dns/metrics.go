@@ -24,6 +24,8 @@ type metrics struct {
 
 	syncs        prometheus.Counter
 	syncDuration prometheus.Observer
+
+	guardErrors *prometheus.CounterVec
 }
 
 // Query types counted by name; the rest are "other".
@@ -126,8 +128,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		Help:    "Time to rebuild and publish the records of changed objects.",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 	})
+	m.guardErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "knit_dns_restart_guard_errors_total",
+		Help: "Failures to install or refresh the restart guard table knit-dns (DNS serves either way), by step.",
+	}, []string{"step"})
 	for _, c := range []prometheus.Collector{queries, duration, dropped, hits, misses, m.upstreamLatency, m.upstreamErrors,
-		m.upstreamHealthy, m.forwardRejected, m.loops, syncs, syncDur} {
+		m.upstreamHealthy, m.forwardRejected, m.loops, syncs, syncDur, m.guardErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

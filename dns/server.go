@@ -18,6 +18,8 @@ import (
 	coreinformers "k8s.io/client-go/informers/core/v1"
 	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 
+	"sigs.k8s.io/knftables"
+
 	"knit.dev/knit/dns/localaddr"
 	"knit.dev/knit/status"
 )
@@ -58,6 +60,9 @@ type Server struct {
 
 	boundMu sync.Mutex
 	bound   []netip.AddrPort
+
+	// newNFT opens the restart guard's table (Config.RestartGuard).
+	newNFT func() (knftables.Interface, error)
 }
 
 // New builds the DNS server and registers its event handlers on the
@@ -75,6 +80,9 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 		return nil, fmt.Errorf("metrics: %w", err)
 	}
 	s := &Server{
+		newNFT: func() (knftables.Interface, error) {
+			return knftables.New(knftables.InetFamily, guardTable)
+		},
 		cfg: cfg,
 		log: log,
 		m:   m,
@@ -229,6 +237,9 @@ func (s *Server) Run(ctx context.Context) error {
 		})
 	}
 	goRun(func() { s.fwd.probeLoops(ctx) })
+	if g := s.openGuard(ctx, bound); g != nil {
+		goRun(func() { g.keep(ctx, s.log, func() { s.m.guardErrors.WithLabelValues("refresh").Inc() }) })
+	}
 
 	<-ctx.Done()
 	for _, srv := range servers {
@@ -238,6 +249,26 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	closeAll()
 	wg.Wait()
+	return nil
+}
+
+// openGuard installs the restart guard for the bound addresses (best
+// effort: without it DNS serves as well, and only an agent restart refuses
+// queries).
+func (s *Server) openGuard(ctx context.Context, bound []netip.AddrPort) *guard {
+	if !s.cfg.RestartGuard {
+		return nil
+	}
+	nft, err := s.newNFT()
+	if err == nil {
+		g := newGuard(nft, bound)
+		if err = g.install(ctx); err == nil {
+			s.log.Info("dns restart guard installed", "table", guardTable, "addrs", g.addrs)
+			return g
+		}
+	}
+	s.m.guardErrors.WithLabelValues("install").Inc()
+	s.log.Warn("dns restart guard not installed: queries are refused while the agent restarts", "err", err)
 	return nil
 }
 

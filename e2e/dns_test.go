@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -135,4 +138,70 @@ func TestDNS(t *testing.T) {
 			t.Errorf("deleted Service not NXDOMAIN within 1s: %v", err)
 		}
 	})
+}
+
+// TestDNSRestartGuard: while a node's agent restarts, queries to the
+// cluster DNS IP from its pods are dropped (the knit-dns table), not
+// refused, so a resolver that retries gets its answer once DNS is back
+// instead of failing at once.
+func TestDNSRestartGuard(t *testing.T) {
+	c := cluster(t)
+	ctx := context.Background()
+	ns := namespace(t, c, "dns-guard")
+	n := c.Nodes[0]
+	pod := echoPods(t, c, ns, "dnsguard", n.Name)[0]
+	netns := lab.PodNetns(pod)
+	const name = "kubernetes.default.svc.cluster.local"
+	if _, err := query(netns, name, dns.TypeA); err != nil {
+		t.Fatalf("query before the restart: %v", err)
+	}
+	out, err := n.Exec(ctx, "nft", "list", "table", "inet", "knit-dns")
+	if err != nil || !strings.Contains(out, lab.ClusterDNS+" . 53") {
+		t.Fatalf("no restart guard for %s:53 on %s: %v\n%s", lab.ClusterDNS, n.Name, err, out)
+	}
+
+	n.StopAgent()
+	running := false
+	t.Cleanup(func() {
+		if !running {
+			if err := n.StartAgent(); err == nil {
+				_ = n.WaitAgentReady(ctx, 2*time.Minute)
+			}
+		}
+	})
+	_, err = query(netns, name, dns.TypeA)
+	var ne net.Error
+	switch {
+	case err == nil:
+		t.Fatal("answered while the agent was stopped")
+	case errors.Is(err, syscall.ECONNREFUSED):
+		t.Fatalf("query refused while the agent was stopped (the guard should drop it): %v", err)
+	case !errors.As(err, &ne) || !ne.Timeout():
+		t.Errorf("query while the agent was stopped: %v, want a timeout", err)
+	}
+
+	// A resolver retrying (each try waits 2 s) gets its answer once the
+	// agent is back, and is never refused on the way.
+	done := make(chan error, 1)
+	go func() {
+		deadline := time.Now().Add(90 * time.Second)
+		for {
+			_, err := query(netns, name, dns.TypeA)
+			if err == nil || errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
+				done <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	if err := n.StartAgent(); err != nil {
+		t.Fatal(err)
+	}
+	running = true
+	if err := <-done; err != nil {
+		t.Fatalf("query across the restart: %v", err)
+	}
+	if err := n.WaitAgentReady(ctx, 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
 }

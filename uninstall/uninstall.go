@@ -6,7 +6,7 @@
 //	what                                     knit's because
 //	nftables tables inet knit-proxy,         their names (proxy, overlay,
 //	  knit-overlay, knit-hostport,           cni/hostport, ingress each
-//	  knit-ingress                           own one)
+//	  knit-ingress, knit-dns                 own one)
 //	routes in the main table with proto 75   the overlay tags every route it
 //	                                         installs with protocol 75
 //	links knit-vx4, knit-vx6 (vxlan)         name and type (overlay)
@@ -70,6 +70,8 @@ const (
 	OverlayTable = "knit-overlay"
 	// IngressTable is ingress.guardTable (the restart guard).
 	IngressTable = "knit-ingress"
+	// DNSTable is dns.guardTable (the DNS restart guard).
+	DNSTable = "knit-dns"
 	// VXLANv4 and VXLANv6 are overlay.deviceV4 and deviceV6.
 	VXLANv4 = "knit-vx4"
 	VXLANv6 = "knit-vx6"
@@ -80,7 +82,7 @@ const (
 )
 
 // Tables lists knit's nftables tables (family inet).
-var Tables = []string{ProxyTable, OverlayTable, hostport.TableName, IngressTable}
+var Tables = []string{ProxyTable, OverlayTable, hostport.TableName, IngressTable, DNSTable}
 
 // Config says where knit's files are and which addresses are its.
 type Config struct {
