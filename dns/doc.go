@@ -35,7 +35,10 @@
 // that the Service IP stays allocated and kubelet's --cluster-dns is
 // unchanged. The link is created idempotently by Run and never removed, so
 // DNS keeps working across agent restarts (a restarting agent rebinds its
-// socket in milliseconds; the address never leaves).
+// socket in milliseconds; the address never leaves). While nothing is
+// bound, the restart guard (guard.go, table inet knit-dns) drops queries
+// to the address instead of letting the kernel refuse them, so resolvers
+// retry rather than fail.
 //
 // # Data flow
 //
