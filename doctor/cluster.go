@@ -18,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"knit.dev/knit/cluster"
 	"knit.dev/knit/status"
 )
 
@@ -121,11 +122,7 @@ func (e *Env) Nodes(ctx context.Context) ([]*NodeInfo, error) {
 				ni.IP = a.Address
 			}
 		}
-		for _, c := range n.Status.Conditions {
-			if c.Type == corev1.NodeReady {
-				ni.Ready = c.Status == corev1.ConditionTrue
-			}
-		}
+		ni.Ready = cluster.NodeReady(n)
 		if li := leases[n.Name]; li != nil {
 			ni.LastSeen, ni.Summary, ni.LeaseNote = li.renew, li.sum, li.err
 			switch {

@@ -19,6 +19,8 @@ import (
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/client-go/tools/record"
+
+	"knit.dev/knit/cluster"
 )
 
 // statusWriter is the one writer (per cluster) of Ingress status and
@@ -171,7 +173,7 @@ func (w *statusWriter) nodeAddresses() []networkingv1.IngressLoadBalancerIngress
 	if c.src.Nodes != nil {
 		nodes, _ := c.src.Nodes.Lister().List(labels.Everything())
 		for _, n := range nodes {
-			if n.DeletionTimestamp != nil || !nodeReady(n) {
+			if n.DeletionTimestamp != nil || !cluster.NodeReady(n) {
 				continue
 			}
 			for _, typ := range []corev1.NodeAddressType{corev1.NodeExternalIP, corev1.NodeInternalIP} {
@@ -194,15 +196,6 @@ func (w *statusWriter) nodeAddresses() []networkingv1.IngressLoadBalancerIngress
 		}
 	}
 	return out
-}
-
-func nodeReady(n *corev1.Node) bool {
-	for _, cond := range n.Status.Conditions {
-		if cond.Type == corev1.NodeReady {
-			return cond.Status == corev1.ConditionTrue
-		}
-	}
-	return false
 }
 
 // writeStatus updates the Ingresses whose status differs, and clears the

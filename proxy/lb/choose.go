@@ -10,6 +10,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"knit.dev/knit/cluster"
 )
 
 // ConditionType is the status condition knit keeps on every Service it
@@ -54,12 +56,7 @@ func nodeCanServe(n *corev1.Node) bool {
 	if _, excluded := n.Labels[corev1.LabelNodeExcludeBalancers]; excluded {
 		return false
 	}
-	for _, c := range n.Status.Conditions {
-		if c.Type == corev1.NodeReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
+	return cluster.NodeReady(n)
 }
 
 func internalIPs(n *corev1.Node) []netip.Addr {
