@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"syscall"
+	"time"
 
 	"knit.dev/knit/internal/atomicfile"
 )
@@ -65,6 +66,46 @@ func installBinary(src, dst string, mode InstallMode) (bool, error) {
 	// are compared, not only size and time: images are built with fixed
 	// timestamps, so two versions of the binary can agree on both.
 	return atomicfile.CopyExecutable(src, dst)
+}
+
+// fileStamp identifies one version of a file cheaply: a rewrite through a
+// rename (how anything installs a binary) or in place changes one of these.
+type fileStamp struct {
+	dev, ino uint64
+	size     int64
+	mtime    time.Time
+	mode     fs.FileMode
+}
+
+// stampOf is the Lstat of path as a fileStamp; ok false when it is missing.
+func stampOf(path string) (fileStamp, bool) {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return fileStamp{}, false
+	}
+	st := fileStamp{size: fi.Size(), mtime: fi.ModTime(), mode: fi.Mode()}
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st.dev, st.ino = uint64(sys.Dev), sys.Ino
+	}
+	return st, true
+}
+
+// installCheck remembers the source and installed binary as the last
+// install (or comparison) left them, so that a sync whose files are
+// unchanged does not read both again (a copy is compared by contents).
+type installCheck struct{ src, dst fileStamp }
+
+// current reports whether src and dst are as they were at the last
+// successful installBinary; remember records them after one.
+func (c *installCheck) current(src, dst string) bool {
+	s, ok1 := stampOf(src)
+	d, ok2 := stampOf(dst)
+	return ok1 && ok2 && c.src == s && c.dst == d
+}
+
+func (c *installCheck) remember(src, dst string) {
+	c.src, _ = stampOf(src)
+	c.dst, _ = stampOf(dst)
 }
 
 // shadowingConfs lists the CNI configurations in dir that a runtime would

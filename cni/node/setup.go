@@ -54,6 +54,8 @@ type Setup struct {
 	netnsExists func(string) bool
 	bootID      func() string
 
+	installed installCheck // the plugin binary as the last install left it
+
 	trigger chan struct{} // this Node changed; capacity 1, events coalesce
 	ready   atomic.Bool
 	pools   atomic.Pointer[[]netip.Prefix] // podCIDRs of the last node.json, for metrics
@@ -325,10 +327,14 @@ func (s *Setup) sync() error {
 
 	if s.cfg.BinaryPath != "" {
 		dst := filepath.Join(s.cfg.BinDir, plugin.PluginType)
-		changed, err := installBinary(s.cfg.BinaryPath, dst, s.cfg.Install)
-		if err != nil {
-			s.m.syncErrors.WithLabelValues("binary").Inc()
-			return fmt.Errorf("install %s as %s: %w", s.cfg.BinaryPath, dst, err)
+		changed := false
+		if !s.installed.current(s.cfg.BinaryPath, dst) {
+			var err error
+			if changed, err = installBinary(s.cfg.BinaryPath, dst, s.cfg.Install); err != nil {
+				s.m.syncErrors.WithLabelValues("binary").Inc()
+				return fmt.Errorf("install %s as %s: %w", s.cfg.BinaryPath, dst, err)
+			}
+			s.installed.remember(s.cfg.BinaryPath, dst)
 		}
 		if changed {
 			s.log.Info("CNI plugin installed", "path", dst, "from", s.cfg.BinaryPath, "mode", s.cfg.Install)

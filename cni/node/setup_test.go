@@ -439,3 +439,45 @@ func TestRun(t *testing.T) {
 		t.Fatal("files removed on shutdown")
 	}
 }
+
+// TestInstallCheck: a sync skips the install only while neither the source
+// nor the installed binary changed since the last install.
+func TestInstallCheck(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "knit-cni"), filepath.Join(dir, "bin", "knit")
+	if err := os.WriteFile(src, []byte("v1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var c installCheck
+	if c.current(src, dst) {
+		t.Fatal("current before anything was installed")
+	}
+	if _, err := installBinary(src, dst, InstallCopy); err != nil {
+		t.Fatal(err)
+	}
+	c.remember(src, dst)
+	stamp := time.Unix(1e9, 0)
+	for _, step := range []struct {
+		name        string
+		change      func()
+		wantCurrent bool
+	}{
+		{"unchanged", func() {}, true},
+		{"source replaced, same size and time", func() {
+			tmp := src + ".new"
+			os.WriteFile(tmp, []byte("v2"), 0o755)
+			os.Chtimes(tmp, stamp, stamp)
+			os.Rename(tmp, src)
+		}, false},
+		{"installed copy removed", func() { os.Remove(dst) }, false},
+	} {
+		if _, err := installBinary(src, dst, InstallCopy); err != nil {
+			t.Fatal(err)
+		}
+		c.remember(src, dst)
+		step.change()
+		if got := c.current(src, dst); got != step.wantCurrent {
+			t.Errorf("%s: current = %v, want %v", step.name, got, step.wantCurrent)
+		}
+	}
+}
