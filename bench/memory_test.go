@@ -34,7 +34,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
 
 	"knit.dev/knit/lab"
@@ -187,13 +186,7 @@ func BenchmarkMemory(b *testing.B) {
 	n1, n2 := cl.Nodes[0], cl.Nodes[1]
 	n2.StopAgent() // node2 hosts the anchors
 
-	cfg := rest.CopyConfig(cl.Config)
-	cfg.QPS, cfg.Burst = 5000, 10000
-	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
+	client := writerClient(b, cl)
 
 	s := &memSetup{cl: cl, client: client, node1: n1, node2: n2, bins: bins, dir: dir}
 	defer s.stopAnchors()

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"knit.dev/knit/lab"
 	"knit.dev/knit/lab/cp"
@@ -72,23 +71,9 @@ func BenchmarkProxyIPTables(b *testing.B) {
 	defer cl.Down()
 	n1, n2 := cl.Nodes[0], cl.Nodes[1]
 	// What is programmed before the benchmark's Services (the agents run
-	// the nftables backend until now): kubernetes, and kube-dns.
-	base, err := proxyMapCount(ctx, n1, "inet", "knit-proxy", "service-ips-v4")
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, nd := range cl.Nodes {
-		nd.StopAgent()
-		// The agent leaves its table on exit; start every side from scratch.
-		_, _ = nd.Exec(ctx, "nft", "delete", "table", "inet", "knit-proxy")
-	}
-	cfg := rest.CopyConfig(cl.Config)
-	cfg.QPS, cfg.Burst = 5000, 10000
-	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
+	// the nftables backend until now).
+	base := proxyBaseline(ctx, b, cl, n1)
+	client := writerClient(b, cl)
 	if err := cl.EnsureNamespace(ctx, proxyNamespace); err != nil {
 		b.Fatal(err)
 	}

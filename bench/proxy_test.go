@@ -25,7 +25,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -137,23 +136,8 @@ func BenchmarkProxy(b *testing.B) {
 	}
 	// What is programmed before the benchmark's Services: kubernetes (and
 	// kube-dns, whose Service has no endpoints).
-	base, err := knitCount(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, n := range cl.Nodes {
-		n.StopAgent()
-		// The agent leaves its table on exit; start every side from scratch.
-		_, _ = n.Exec(ctx, "nft", "delete", "table", "inet", "knit-proxy")
-	}
-
-	cfg := rest.CopyConfig(cl.Config)
-	cfg.QPS, cfg.Burst = 5000, 10000
-	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
+	base := proxyBaseline(ctx, b, cl, n1)
+	client := writerClient(b, cl)
 	if err := cl.EnsureNamespace(ctx, proxyNamespace); err != nil {
 		b.Fatal(err)
 	}

@@ -1,13 +1,20 @@
 package bench
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"testing"
 	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"knit.dev/knit/lab"
 )
 
 // Helpers every benchmark of this package uses.
@@ -69,4 +76,35 @@ func procCPU(pid int) (time.Duration, error) {
 	}
 	const clkTck = 100 // USER_HZ: 100 on every Linux architecture Go supports
 	return time.Duration(utime+stime) * time.Second / clkTck, nil
+}
+
+// writerClient is an API client for writing a benchmark's thousands of
+// objects: protobuf, and a rate limit far above client-go's default.
+func writerClient(b *testing.B, cl *lab.Cluster) kubernetes.Interface {
+	b.Helper()
+	cfg := rest.CopyConfig(cl.Config)
+	cfg.QPS, cfg.Burst = 5000, 10000
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return client
+}
+
+// proxyBaseline counts the Services node n's knit proxy programs before a
+// proxy benchmark writes its own (kubernetes, and kube-dns), then stops
+// every agent and deletes its table, so that each side starts from scratch.
+func proxyBaseline(ctx context.Context, b *testing.B, cl *lab.Cluster, n *lab.Node) int {
+	b.Helper()
+	base, err := proxyMapCount(ctx, n, "inet", "knit-proxy", "service-ips-v4")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, nd := range cl.Nodes {
+		nd.StopAgent()
+		// The agent leaves its table on exit.
+		_, _ = nd.Exec(ctx, "nft", "delete", "table", "inet", "knit-proxy")
+	}
+	return base
 }
