@@ -166,7 +166,11 @@ func (c *Connection) WatchLocalAddresses(ctx context.Context) {
 	if c.conns == nil {
 		return // not made by Connect
 	}
-	c.conns.watch(ctx, net.InterfaceAddrs, c.log)
+	changed, poll := addrDeletions(ctx, c.log), localAddrFallback
+	if changed == nil {
+		poll = localAddrPoll
+	}
+	c.conns.watch(ctx, net.InterfaceAddrs, changed, poll, c.log)
 }
 
 // APIServerDown reports whether the API server is believed unreachable now.

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/vishvananda/netlink"
 )
 
 // Why close connections by local address: one HTTP/2 connection carries
@@ -20,9 +22,14 @@ import (
 // connection as soon as its local address is gone; client-go then dials
 // again, from the address the node has now.
 
-// localAddrPoll is how often the node's addresses are compared with the
-// API connections' local addresses.
-const localAddrPoll = time.Second
+// The node's addresses are compared with the API connections' local
+// addresses whenever the kernel reports an address deleted (rtnetlink), and
+// on a slow timer besides (a lost event costs at most that long). Without
+// the subscription the timer is fast: one address dump a second.
+const (
+	localAddrPoll     = time.Second
+	localAddrFallback = 30 * time.Second
+)
 
 // connTracker dials the API connections and remembers them until closed.
 type connTracker struct {
@@ -90,16 +97,18 @@ func (t *connTracker) closeOrphans(have func(netip.Addr) bool) []netip.Addr {
 	return gone
 }
 
-// watch closes, every localAddrPoll until ctx is done, the connections
-// whose local address no interface holds any more.
-func (t *connTracker) watch(ctx context.Context, addrs func() ([]net.Addr, error), log *slog.Logger) {
-	tick := time.NewTicker(localAddrPoll)
+// watch closes, until ctx is done, the connections whose local address no
+// interface holds any more: checked on every signal of changed (nil: none)
+// and every poll.
+func (t *connTracker) watch(ctx context.Context, addrs func() ([]net.Addr, error), changed <-chan struct{}, poll time.Duration, log *slog.Logger) {
+	tick := time.NewTicker(poll)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-changed:
 		}
 		t.mu.Lock()
 		idle := len(t.conns) == 0
@@ -144,4 +153,28 @@ func ipOf(a net.Addr) netip.Addr {
 		return netip.Addr{}
 	}
 	return addr.Unmap()
+}
+
+// addrDeletions signals (coalesced) every address the kernel deletes in
+// this network namespace, until ctx is done; nil when it cannot subscribe.
+func addrDeletions(ctx context.Context, log *slog.Logger) <-chan struct{} {
+	updates := make(chan netlink.AddrUpdate, 64)
+	if err := netlink.AddrSubscribeWithOptions(updates, ctx.Done(), netlink.AddrSubscribeOptions{
+		ErrorCallback: func(err error) { log.Warn("address event subscription failed; polling instead", "err", err) },
+	}); err != nil {
+		log.Warn("cannot subscribe to address events; polling local addresses every second", "err", err)
+		return nil
+	}
+	out := make(chan struct{}, 1)
+	go func() {
+		for u := range updates {
+			if !u.NewAddr {
+				select {
+				case out <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	return out
 }

@@ -90,36 +90,58 @@ func TestConnTrackerForgetsClosed(t *testing.T) {
 }
 
 // TestConnTrackerWatch: once the interfaces stop listing the connection's
-// local address, the watch closes it within about one poll.
+// local address, the watch closes it: within about one poll, or at once on
+// an address-deletion event even when the poll is an hour away.
 func TestConnTrackerWatch(t *testing.T) {
-	tr := newConnTracker(nil)
-	c, err := tr.DialContext(context.Background(), "tcp", loopbackServer(t))
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name  string
+		event bool
+		poll  time.Duration
+	}{
+		{"poll", false, localAddrPoll},
+		{"deletion event", true, time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := newConnTracker(nil)
+			c, err := tr.DialContext(context.Background(), "tcp", loopbackServer(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			moved := make(chan struct{})
+			addrs := func() ([]net.Addr, error) {
+				select {
+				case <-moved:
+					return []net.Addr{&net.IPNet{IP: net.ParseIP("198.18.0.103"), Mask: net.CIDRMask(24, 32)}}, nil
+				default:
+					return []net.Addr{&net.IPNet{IP: net.ParseIP("127.0.0.1"), Mask: net.CIDRMask(8, 32)}}, nil
+				}
+			}
+			var changed chan struct{}
+			if tc.event {
+				changed = make(chan struct{}, 1)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			go tr.watch(ctx, addrs, changed, tc.poll, slog.New(slog.DiscardHandler))
+			if tc.event {
+				changed <- struct{}{} // an unrelated address went: nothing to close
+			}
+			time.Sleep(localAddrPoll + 200*time.Millisecond)
+			if _, err := c.Write([]byte("x")); err != nil {
+				t.Fatalf("closed while its address was there: %v", err)
+			}
+			close(moved)
+			if tc.event {
+				changed <- struct{}{}
+			}
+			start := time.Now()
+			_ = c.SetReadDeadline(time.Now().Add(3 * localAddrPoll))
+			_, err = c.Read(make([]byte, 1))
+			if !errors.Is(err, net.ErrClosed) {
+				t.Fatalf("read after the address went: %v, want the connection closed", err)
+			}
+			t.Logf("closed %v after the address went", time.Since(start).Round(10*time.Millisecond))
+		})
 	}
-	defer c.Close()
-	moved := make(chan struct{})
-	addrs := func() ([]net.Addr, error) {
-		select {
-		case <-moved:
-			return []net.Addr{&net.IPNet{IP: net.ParseIP("198.18.0.103"), Mask: net.CIDRMask(24, 32)}}, nil
-		default:
-			return []net.Addr{&net.IPNet{IP: net.ParseIP("127.0.0.1"), Mask: net.CIDRMask(8, 32)}}, nil
-		}
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go tr.watch(ctx, addrs, slog.New(slog.DiscardHandler))
-	time.Sleep(localAddrPoll + 200*time.Millisecond)
-	if _, err := c.Write([]byte("x")); err != nil {
-		t.Fatalf("closed while its address was there: %v", err)
-	}
-	close(moved)
-	start := time.Now()
-	_ = c.SetReadDeadline(time.Now().Add(3 * localAddrPoll))
-	_, err = c.Read(make([]byte, 1))
-	if !errors.Is(err, net.ErrClosed) {
-		t.Fatalf("read after the address went: %v, want the connection closed", err)
-	}
-	t.Logf("closed %v after the address went", time.Since(start).Round(10*time.Millisecond))
 }
