@@ -90,7 +90,7 @@ const (
 func BenchmarkOverlay(b *testing.B) {
 	sandbox.Require(b)
 	ctx := context.Background()
-	for _, tool := range []string{"iperf3", "ss"} {
+	for _, tool := range []string{"iperf3", "ss", "taskset"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			b.Skipf("needs %s: %v", tool, err)
 		}
@@ -118,7 +118,8 @@ func BenchmarkOverlay(b *testing.B) {
 	}
 	defer cl.Down()
 	b.Logf("lab up in %v", time.Since(began).Round(100*time.Millisecond))
-	o := &overlayRun{ctx: ctx, b: b, cl: cl, backend: map[string]overlay.Backend{}, mtu: map[overlay.Backend]int{}}
+	o := &overlayRun{ctx: ctx, b: b, cl: cl, backend: map[string]overlay.Backend{}, mtu: map[overlay.Backend]int{},
+		servers: map[string]int{}}
 	for _, n := range cl.Nodes {
 		o.backend[n.Name] = overlay.BackendVXLAN
 	}
@@ -145,25 +146,18 @@ func BenchmarkOverlay(b *testing.B) {
 	}
 
 	b.ResetTimer()
-	seq := map[overlay.Backend][]iperf3Result{}
 	pairs := map[overlay.Backend][2]*corev1.Pod{overlay.BackendVXLAN: v, overlay.BackendDirect: d}
-	order := []overlay.Backend{overlay.BackendDirect, overlay.BackendVXLAN}
-	for r := range rounds {
-		for k := range order {
-			be := order[(r+k)%2]
-			o.use(be, n1, n2)
-			res := o.iperf3(pairs[be][0], pairs[be][1])
-			seq[be] = append(seq[be], res)
-			b.Logf("sequential round %d %-6s %.2f Gbit/s, %d retransmits", r+1, be, res.gbps, res.retransmits)
-		}
-	}
+	seq := o.sequential(rounds, pairs, n1, n2, overlayWay{})
+	perNode := o.sequential(rounds, pairs, n1, n2, overlayWay{perNodeCPU: true})
+	cubic := o.sequential(rounds, pairs, n1, n2, overlayWay{cc: "cubic"})
+	cubicPerNode := o.sequential(rounds, pairs, n1, n2, overlayWay{cc: "cubic", perNodeCPU: true})
 	o.use(overlay.BackendVXLAN, n1, n2)
 	conc := map[overlay.Backend][]iperf3Result{}
 	for r := range rounds {
 		var wg sync.WaitGroup
 		var rv, rd iperf3Result
-		wg.Go(func() { rv = o.iperf3(v[0], v[1]) })
-		wg.Go(func() { rd = o.iperf3(c[0], c[1]) })
+		wg.Go(func() { rv = o.iperf3(v[0], v[1], overlayWay{}) })
+		wg.Go(func() { rd = o.iperf3(c[0], c[1], overlayWay{}) })
 		wg.Wait()
 		conc[overlay.BackendVXLAN] = append(conc[overlay.BackendVXLAN], rv)
 		conc[overlay.BackendDirect] = append(conc[overlay.BackendDirect], rd)
@@ -182,12 +176,29 @@ func BenchmarkOverlay(b *testing.B) {
 	fmt.Fprintf(&out, "machine at the end: %s\n\n", overlayLoad())
 	fmt.Fprintf(&out, "pod MTU: vxlan %d, direct %d; iperf3 -c <pod> -t %d -O %d (1 TCP stream), Gbit/s received\n\n",
 		o.mtu[overlay.BackendVXLAN], o.mtu[overlay.BackendDirect], overlaySeconds, overlayOmit)
-	vx, di := overlayTable(&out, "sequential: node1 -> node2, backend switched between runs", seq, rounds)
-	cv, cd := overlayTable(&out, "concurrent: vxlan node1 -> node2 and direct node3 -> node4 at the same time", conc, rounds)
-	ratio := vx / di
-	fmt.Fprintf(&out, "VXLAN / direct, sequential medians = %.2fx: target >= %.2fx (DESIGN.md) %s, >= %.2fx (issue 4) %s\n",
-		ratio, overlayTargetRatio, overlayVerdict(ratio >= overlayTargetRatio), overlayTargetRatioIssue, overlayVerdict(ratio >= overlayTargetRatioIssue))
-	fmt.Fprintf(&out, "VXLAN / direct, concurrent medians = %.2fx\n\n", cv/cd)
+	vx, di := overlayTable(&out, "sequential: node1 -> node2, backend switched between runs, "+overlayWay{}.String(), seq, rounds)
+	pv, pd := overlayTable(&out, "sequential, "+overlayWay{perNodeCPU: true}.String(), perNode, rounds)
+	kv, kd := overlayTable(&out, "sequential, "+overlayWay{cc: "cubic"}.String(), cubic, rounds)
+	kpv, kpd := overlayTable(&out, "sequential, "+overlayWay{cc: "cubic", perNodeCPU: true}.String(), cubicPerNode, rounds)
+	cv, cd := overlayTable(&out, "concurrent: vxlan node1 -> node2 and direct node3 -> node4 at the same time, "+overlayWay{}.String(), conc, rounds)
+	ratio, perNodeRatio := vx/di, pv/pd
+	fmt.Fprintf(&out, "VXLAN / direct, medians (target >= %.2fx DESIGN.md, >= %.2fx issue 4):\n\n", overlayTargetRatio, overlayTargetRatioIssue)
+	tw := tabwriter.NewWriter(&out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "way\tratio\tDESIGN.md\tissue 4\t")
+	for _, r := range []struct {
+		way   string
+		ratio float64
+	}{
+		{"sequential, " + overlayWay{}.String(), ratio},
+		{"sequential, " + overlayWay{perNodeCPU: true}.String(), perNodeRatio},
+		{"sequential, " + overlayWay{cc: "cubic"}.String(), kv / kd},
+		{"sequential, " + overlayWay{cc: "cubic", perNodeCPU: true}.String(), kpv / kpd},
+		{"concurrent, " + overlayWay{}.String(), cv / cd},
+	} {
+		fmt.Fprintf(tw, "%s\t%.2fx\t%s\t%s\t\n", r.way, r.ratio, overlayVerdict(r.ratio >= overlayTargetRatio), overlayVerdict(r.ratio >= overlayTargetRatioIssue))
+	}
+	tw.Flush()
+	fmt.Fprintln(&out)
 
 	var reach []time.Duration
 	for _, j := range joins {
@@ -196,7 +207,7 @@ func BenchmarkOverlay(b *testing.B) {
 	slices.Sort(reach)
 	reachMedian := reach[len(reach)/2]
 	fmt.Fprintf(&out, "new node -> reachable from a pod on node1 (VXLAN), ms after the Node object appeared:\n\n")
-	tw := tabwriter.NewWriter(&out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	tw = tabwriter.NewWriter(&out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "node\tpodCIDR set\tagent started\tannotations\troute on node1\tfirst TCP connect\troute after annotations\t")
 	for _, j := range joins {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", j.node, overlayMs(j.podCIDR), overlayMs(j.spawned), overlayMs(j.annotated), overlayMs(j.route), overlayMs(j.reach), overlayMs(j.route-j.annotated))
@@ -211,6 +222,8 @@ func BenchmarkOverlay(b *testing.B) {
 	b.ReportMetric(vx, "vxlan-Gbit/s")
 	b.ReportMetric(di, "direct-Gbit/s")
 	b.ReportMetric(ratio, "vxlan/direct")
+	b.ReportMetric(perNodeRatio, "per-node-cpu-vxlan/direct")
+	b.ReportMetric(kv/kd, "cubic-vxlan/direct")
 	b.ReportMetric(cv/cd, "concurrent-vxlan/direct")
 	b.ReportMetric(float64(reachMedian.Milliseconds()), "join-ms")
 }
@@ -260,6 +273,88 @@ type overlayRun struct {
 	cl      *lab.Cluster
 	backend map[string]overlay.Backend // node name -> its agent's backend
 	mtu     map[overlay.Backend]int    // pod MTU of pods made with each backend
+	servers map[string]int             // pod name -> pid of its iperf3 server
+}
+
+// overlayWay is how one series of iperf3 runs is made.
+//
+// In the lab both nodes of a stream are namespaces of one machine, and a
+// veth hands a packet to its peer on the CPU that sent it: with one TCP
+// stream, the sending node's forwarding and encapsulation, the receiving
+// node's decapsulation and forwarding and the receiving pod's TCP input
+// all run in softirq on the iperf3 client's CPU, while the server's CPU
+// mostly waits. On real nodes the receiving half runs on the other
+// machine. perNodeCPU models that: RPS on each node's underlay eth0 steers
+// what node1 receives to CPU 0 and what node2 receives to CPU 1, the
+// client is pinned to CPU 0 and the server to CPU 1 (both backends alike).
+//
+// cc chooses the pods' TCP congestion control (iperf3 -C); empty is the
+// machine's default, which pods inherit. BBR paces, so its throughput on
+// this path is bounded by its model of the path rather than by CPU; cubic
+// sends as fast as the CPU allows, so it shows the CPU cost per byte.
+type overlayWay struct {
+	cc         string
+	perNodeCPU bool
+}
+
+func (w overlayWay) String() string {
+	cc := w.cc
+	if cc == "" {
+		b, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+		cc = strings.TrimSpace(string(b)) + " (the machine's default)"
+	}
+	where := "both nodes' packet processing on the client's CPU"
+	if w.perNodeCPU {
+		where = "each node's packet processing on its own CPU"
+	}
+	return where + ", TCP congestion control " + cc
+}
+
+// sequential measures rounds of one stream per backend between the pairs'
+// pods on nodes a and b, in the order D V, V D, D V, ...
+func (o *overlayRun) sequential(rounds int, pairs map[overlay.Backend][2]*corev1.Pod, a, b *lab.Node, way overlayWay) map[overlay.Backend][]iperf3Result {
+	o.b.Helper()
+	if way.perNodeCPU {
+		if runtime.NumCPU() < 2 {
+			o.b.Skip("one CPU per node needs two CPUs")
+		}
+		o.perNodeCPU(a, b, pairs, true)
+		defer o.perNodeCPU(a, b, pairs, false)
+	}
+	res := map[overlay.Backend][]iperf3Result{}
+	order := []overlay.Backend{overlay.BackendDirect, overlay.BackendVXLAN}
+	for r := range rounds {
+		for k := range order {
+			be := order[(r+k)%2]
+			o.use(be, a, b)
+			run := o.iperf3(pairs[be][0], pairs[be][1], way)
+			res[be] = append(res[be], run)
+			o.b.Logf("%s: round %d %-6s %.2f Gbit/s, %d retransmits", way, r+1, be, run.gbps, run.retransmits)
+		}
+	}
+	return res
+}
+
+// perNodeCPU steers what node a receives to CPU 0 and what node b
+// receives to CPU 1 (RPS on their underlay eth0) and pins the iperf3
+// servers of b's pods to CPU 1; off undoes both.
+func (o *overlayRun) perNodeCPU(a, b *lab.Node, pairs map[overlay.Backend][2]*corev1.Pod, on bool) {
+	o.b.Helper()
+	masks, servers := map[*lab.Node]string{a: "1", b: "2"}, "1"
+	if !on {
+		masks, servers = map[*lab.Node]string{a: "0", b: "0"}, fmt.Sprintf("0-%d", runtime.NumCPU()-1)
+	}
+	for n, mask := range masks {
+		if out, err := n.Exec(o.ctx, "sh", "-c", "echo "+mask+" > /sys/class/net/eth0/queues/rx-0/rps_cpus"); err != nil {
+			o.b.Fatalf("%s: RPS on eth0: %v %s", n.Name, err, out)
+		}
+	}
+	for _, pair := range pairs {
+		pid := o.servers[pair[1].Name]
+		if out, err := exec.Command("taskset", "-a", "-p", "-c", servers, fmt.Sprint(pid)).CombinedOutput(); err != nil {
+			o.b.Fatalf("pin the iperf3 server in %s: %v %s", pair[1].Name, err, out)
+		}
+	}
 }
 
 // use switches the two nodes' agents to the backend (a restart with the
@@ -346,6 +441,7 @@ func (o *overlayRun) iperf3Server(p *corev1.Pod) (stop func()) {
 	if err := cmd.Start(); err != nil {
 		o.b.Fatal(err)
 	}
+	o.servers[p.Name] = cmd.Process.Pid // ip netns exec execs iperf3 in place
 	stop = func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }
 	for deadline := time.Now().Add(5 * time.Second); ; {
 		out, _ := exec.Command("ip", "netns", "exec", netns, "ss", "-Hltn", "sport", "=", ":5201").CombinedOutput()
@@ -366,13 +462,21 @@ type iperf3Result struct {
 	load        string // 1-minute load average when the run started
 }
 
-// iperf3 runs one client in pod src against the server in pod dst.
-func (o *overlayRun) iperf3(src, dst *corev1.Pod) iperf3Result {
+// iperf3 runs one client in pod src against the server in pod dst, the
+// way w says.
+func (o *overlayRun) iperf3(src, dst *corev1.Pod, w overlayWay) iperf3Result {
 	o.b.Helper()
 	load := strings.Fields(overlayLoad())[2]
 	netns := strings.TrimPrefix(lab.PodNetns(src), "/run/netns/")
-	out, err := exec.CommandContext(o.ctx, "ip", "netns", "exec", netns, "iperf3", "-c", dst.Status.PodIP,
-		"-t", fmt.Sprint(overlaySeconds), "-O", fmt.Sprint(overlayOmit), "-J").Output()
+	args := []string{"netns", "exec", netns}
+	if w.perNodeCPU {
+		args = append(args, "taskset", "-c", "0")
+	}
+	args = append(args, "iperf3", "-c", dst.Status.PodIP, "-t", fmt.Sprint(overlaySeconds), "-O", fmt.Sprint(overlayOmit), "-J")
+	if w.cc != "" {
+		args = append(args, "-C", w.cc)
+	}
+	out, err := exec.CommandContext(o.ctx, "ip", args...).Output()
 	var rep struct {
 		Error string `json:"error"`
 		End   struct {
