@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/knftables"
 
 	"knit.dev/knit/dns/localaddr"
+	"knit.dev/knit/internal/restartguard"
 	"knit.dev/knit/status"
 )
 
@@ -238,7 +239,12 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	goRun(func() { s.fwd.probeLoops(ctx) })
 	if g := s.openGuard(ctx, bound); g != nil {
-		goRun(func() { g.keep(ctx, s.log, func() { s.m.guardErrors.WithLabelValues("refresh").Inc() }) })
+		goRun(func() {
+			g.Keep(ctx, func(err error) {
+				s.m.guardErrors.WithLabelValues("refresh").Inc()
+				s.log.Warn("dns restart guard refresh failed", "err", err)
+			})
+		})
 	}
 
 	<-ctx.Done()
@@ -255,15 +261,15 @@ func (s *Server) Run(ctx context.Context) error {
 // openGuard installs the restart guard for the bound addresses (best
 // effort: without it DNS serves as well, and only an agent restart refuses
 // queries).
-func (s *Server) openGuard(ctx context.Context, bound []netip.AddrPort) *guard {
+func (s *Server) openGuard(ctx context.Context, bound []netip.AddrPort) *restartguard.Guard {
 	if !s.cfg.RestartGuard {
 		return nil
 	}
 	nft, err := s.newNFT()
 	if err == nil {
-		g := newGuard(nft, bound)
-		if err = g.install(ctx); err == nil {
-			s.log.Info("dns restart guard installed", "table", guardTable, "addrs", g.addrs)
+		g := restartguard.New(nft, guardSpec, s.log, bound)
+		if err = g.Install(ctx); err == nil {
+			s.log.Info("dns restart guard installed", "guard", g.String())
 			return g
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/knftables"
 
+	"knit.dev/knit/internal/restartguard"
 	"knit.dev/knit/status"
 )
 
@@ -191,7 +192,7 @@ func (c *Controller) Run(ctx context.Context) error {
 // new connections through again if a previous ingress drained them. The
 // guard is best effort: without it the ingress serves as well, and only a
 // restart refuses connections.
-func (c *Controller) openGuard(ctx context.Context) *guard {
+func (c *Controller) openGuard(ctx context.Context) *restartguard.Guard {
 	if !c.cfg.RestartGuard {
 		return nil
 	}
@@ -201,8 +202,8 @@ func (c *Controller) openGuard(ctx context.Context) *guard {
 		c.log.Warn("ingress restart guard unavailable: new connections are refused while the agent restarts", "err", err)
 		return nil
 	}
-	g := newGuard(nft, c.log, c.HTTPAddr(), c.HTTPSAddr())
-	if err := g.serving(ctx, true); err != nil {
+	g := restartguard.New(nft, guardSpec, c.log, guardAddrs(c.HTTPAddr(), c.HTTPSAddr()))
+	if err := g.Install(ctx); err != nil {
 		c.m.guardErrors.WithLabelValues("install").Inc()
 		c.log.Warn("ingress restart guard not installed: new connections are refused while the agent restarts", "err", err)
 		return nil
@@ -212,32 +213,23 @@ func (c *Controller) openGuard(ctx context.Context) *guard {
 }
 
 // refreshGuard keeps the guard's ports from timing out while serving.
-func (c *Controller) refreshGuard(ctx context.Context, g *guard) {
-	t := time.NewTicker(guardRefreshEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if err := g.serving(ctx, false); err != nil && ctx.Err() == nil {
-				c.m.guardErrors.WithLabelValues("refresh").Inc()
-				c.log.Warn("ingress restart guard refresh failed", "err", err)
-			}
-		}
-	}
+func (c *Controller) refreshGuard(ctx context.Context, g *restartguard.Guard) {
+	g.Keep(ctx, func(err error) {
+		c.m.guardErrors.WithLabelValues("refresh").Inc()
+		c.log.Warn("ingress restart guard refresh failed", "err", err)
+	})
 }
 
 // drainGuard makes new connections wait for the next ingress, then keeps
 // accepting for drainAccept so that handshakes under way are served rather
 // than reset when the listeners close.
-func (c *Controller) drainGuard(g *guard) {
-	if g == nil {
+func (c *Controller) drainGuard(g *restartguard.Guard) {
+	if g == nil || g.Empty() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if err := g.draining(ctx); err != nil {
+	if err := g.Drain(ctx); err != nil {
 		c.m.guardErrors.WithLabelValues("drain").Inc()
 		c.log.Warn("ingress restart guard: draining failed; connections arriving during the restart are refused", "err", err)
 		return

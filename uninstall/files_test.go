@@ -134,8 +134,8 @@ func TestNamesMatchTheirOwners(t *testing.T) {
 		{"../proxy/render.go", `(?m)^\s*tableName\s*=\s*"` + ProxyTable + `"`},
 		{"../proxy/proxier.go", `knftables\.New\(knftables\.InetFamily, tableName\)`},
 		{"../overlay/overlay.go", `knftables\.New\(knftables\.InetFamily, nftTable\)`},
-		{"../ingress/guard.go", `(?m)^\s*guardTable\s*=\s*"` + IngressTable + `"`},
-		{"../dns/guard.go", `(?m)^\s*guardTable\s*=\s*"` + DNSTable + `"`},
+		{"../ingress/guard.go", `(?m)^\s*(const\s+)?guardTable\s*=\s*"` + IngressTable + `"`},
+		{"../dns/guard.go", `(?m)^\s*(const\s+)?guardTable\s*=\s*"` + DNSTable + `"`},
 		{"../ingress/controller.go", `knftables\.New\(knftables\.InetFamily, guardTable\)`},
 	} {
 		b, err := os.ReadFile(c.file)
