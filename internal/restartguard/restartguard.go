@@ -60,8 +60,38 @@ type Spec struct {
 	DrainDropComment string
 }
 
-// RefreshEvery is how often Keep refreshes the keys' timeouts.
-func (s *Spec) RefreshEvery() time.Duration { return s.Timeout / 4 }
+// refreshEvery is how often Keep refreshes the keys' timeouts.
+func (s *Spec) refreshEvery() time.Duration { return s.Timeout / 4 }
+
+// validate names what a Spec lacks; the table would not load without it.
+func (s *Spec) validate() error {
+	var missing []string
+	if s.Table == "" {
+		missing = append(missing, "Table")
+	}
+	if s.Set == "" {
+		missing = append(missing, "Set")
+	}
+	if len(s.Protocols) == 0 {
+		missing = append(missing, "Protocols")
+	}
+	// nft counts set timeouts in whole seconds.
+	if s.Timeout < time.Second {
+		missing = append(missing, "a Timeout of 1s or more")
+	}
+	if s.Draining != "" && s.DrainTimeout < time.Second {
+		missing = append(missing, "a DrainTimeout of 1s or more")
+	}
+	for _, p := range s.Protocols {
+		if p != UDP && p != TCP {
+			missing = append(missing, fmt.Sprintf("a known protocol (not %q)", p))
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("restart guard spec %q needs %s", s.Table, strings.Join(missing, ", "))
+	}
+	return nil
+}
 
 // family is one group of rules and sets: "ip"/"ip6" for address keys, ""
 // for port keys (which match both families).
@@ -130,7 +160,9 @@ func (k key) String() string {
 	return netip.AddrPortFrom(k.addr, k.port).String()
 }
 
-// Guard programs one guard table for the sockets its owner bound.
+// Guard programs one guard table for the sockets its owner bound. It is not
+// safe for concurrent use: the owner calls Install, then Keep (in its own
+// goroutine), then Drain once Keep has returned.
 type Guard struct {
 	spec Spec
 	nft  knftables.Interface
@@ -176,6 +208,9 @@ func (g *Guard) Refresh(ctx context.Context) error { return g.serving(ctx, false
 func (g *Guard) serving(ctx context.Context, clearDraining bool) error {
 	if g.Empty() {
 		return nil
+	}
+	if err := g.spec.validate(); err != nil {
+		return err
 	}
 	// Every time the whole table first: a transient failure must not
 	// leave the guard without its socket rules for good.
@@ -244,14 +279,14 @@ func (g *Guard) transaction(clearDraining, socket bool) *knftables.Transaction {
 	return tx
 }
 
-// Keep refreshes the guard every Spec.RefreshEvery until ctx ends. A
+// Keep refreshes the guard every Spec.Timeout/4 until ctx ends. A
 // failure goes to failed, never ends the loop: the owner serves either way,
 // and the keys stay guarded until their timeout.
 func (g *Guard) Keep(ctx context.Context, failed func(error)) {
-	if g.Empty() {
-		return
+	if g.Empty() || g.spec.validate() != nil {
+		return // Install said why
 	}
-	t := time.NewTicker(g.spec.RefreshEvery())
+	t := time.NewTicker(g.spec.refreshEvery())
 	defer t.Stop()
 	for {
 		select {

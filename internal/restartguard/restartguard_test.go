@@ -146,7 +146,7 @@ func TestGuard(t *testing.T) {
 		noSocket   bool
 		bound      []netip.AddrPort
 		steps      []step
-		wantErr    bool // from the first step
+		wantErr    string // from the first step, which must fail with it
 		wantSocket bool
 		wantRules  int
 		golden     string // after the last step
@@ -202,18 +202,28 @@ func TestGuard(t *testing.T) {
 		noSocket: true,
 		bound:    addrPorts("10.43.0.10:53"),
 		steps:    []step{{"install", install, nil}},
-		wantErr:  true,
+		wantErr:  "No such file",
 	}, {
 		name:  "nothing to guard: no table",
 		spec:  portSpec,
 		bound: addrPorts("[::]:0"),
 		steps: []step{{"install", install, nil}, {"drain", drain, nil}, {"refresh", refresh, nil}},
 	}, {
+		name: "a spec without timeout: error, no table",
+		spec: func() restartguard.Spec {
+			s := portSpec
+			s.Timeout, s.Protocols = 0, []restartguard.Protocol{"sctp"}
+			return s
+		}(),
+		bound:   addrPorts("[::]:80"),
+		steps:   []step{{"install", install, nil}},
+		wantErr: `needs a Timeout of 1s or more, a known protocol (not "sctp")`,
+	}, {
 		name:    "drain without a draining set",
 		spec:    addrPortSpec,
 		bound:   addrPorts("10.43.0.10:53"),
 		steps:   []step{{"drain", drain, nil}},
-		wantErr: true,
+		wantErr: "has no draining set",
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
 			fake := knftables.NewFake(knftables.InetFamily, tc.spec.Table)
@@ -224,9 +234,9 @@ func TestGuard(t *testing.T) {
 			g := restartguard.New(nft, tc.spec, discard(), tc.bound)
 			for i, s := range tc.steps {
 				err := s.do(g)
-				if i == 0 && tc.wantErr {
-					if err == nil {
-						t.Fatalf("%s: no error", s.name)
+				if i == 0 && tc.wantErr != "" {
+					if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+						t.Fatalf("%s: error %v, want one with %q", s.name, err, tc.wantErr)
 					}
 					if fake.Table != nil {
 						t.Errorf("%s failed, yet left a table:\n%s", s.name, fake.Dump())
@@ -269,7 +279,7 @@ func TestGuard(t *testing.T) {
 // does not cost the socket rules for good.
 func TestKeep(t *testing.T) {
 	spec := portSpec
-	spec.Timeout = 40 * time.Millisecond // refresh every 10 ms
+	spec.Timeout = time.Second // refresh every 250 ms
 	fake := knftables.NewFake(knftables.InetFamily, spec.Table)
 	// Transaction 1 is Install. Refresh 1 fails (2: the whole table, 3:
 	// the draining half), refresh 2 succeeds (4), refresh 3 falls back
@@ -283,12 +293,12 @@ func TestKeep(t *testing.T) {
 	failed := make(chan error, 10)
 	done := make(chan struct{})
 	go func() { g.Keep(ctx, func(err error) { failed <- err }); close(done) }()
-	deadline := time.After(5 * time.Second)
+	deadline := time.After(10 * time.Second)
 	for flaky.runs() < 8 {
 		select {
 		case <-deadline:
-			t.Fatalf("%d transactions in 5 s", flaky.runs())
-		case <-time.After(5 * time.Millisecond):
+			t.Fatalf("%d transactions in 10 s", flaky.runs())
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
 	cancel()
