@@ -14,6 +14,8 @@ import (
 
 	"github.com/coreos/go-iptables/iptables"
 	"k8s.io/apimachinery/pkg/types"
+
+	"knit.dev/knit/internal/xtables"
 )
 
 // iptBackend programs the state with iptables, for kernels without
@@ -392,16 +394,16 @@ type iptExec struct {
 	wait        []string // restore's lock-wait flag, if supported
 }
 
-func newIPTExec(f family, cmds iptCommands) (*iptExec, error) {
+func newIPTExec(f family, cmds xtables.Tools) (*iptExec, error) {
 	proto := iptables.ProtocolIPv4
 	if f == v6 {
 		proto = iptables.ProtocolIPv6
 	}
-	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(cmds.iptables), iptables.Timeout(5))
+	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(cmds.IPTables), iptables.Timeout(5))
 	if err != nil {
 		return nil, err
 	}
-	x := &iptExec{ipt: ipt, restorePath: cmds.restore}
+	x := &iptExec{ipt: ipt, restorePath: cmds.Restore}
 	// iptables-restore takes --wait since 1.6.2.
 	if v1, v2, v3 := ipt.GetIptablesVersion(); v1 > 1 || (v1 == 1 && (v2 > 6 || (v2 == 6 && v3 >= 2))) {
 		x.wait = []string{"-w", "5"}
@@ -504,7 +506,7 @@ func (x *iptExec) removeAll(ctx context.Context) error {
 		chains := chainsOf[table]
 		var decl, del bytes.Buffer
 		for _, c := range chains {
-			if strings.HasPrefix(c, "KNIT-") {
+			if proxyChain(c) {
 				fmt.Fprintf(&decl, ":%s - [0:0]\n", c)
 				fmt.Fprintf(&del, "-X %s\n", c)
 			}

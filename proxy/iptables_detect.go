@@ -7,219 +7,60 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os/exec"
 	"strings"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"sigs.k8s.io/knftables"
+
+	"knit.dev/knit/internal/xtables"
 )
 
-// Two iptables implementations exist side by side on most distributions:
-// iptables-legacy (the x_tables kernel API) and iptables-nft (the same
-// command line over nftables). Their rules live in different kernel tables
-// and both are evaluated, so when the components of a node disagree on
-// which one to use (the CNI plugin or kube-proxy in a container with one,
-// the host with the other), rules such as masquerading or a DROP policy
-// apply in one world and not in the other. That mismatch broke networking
-// for k3s and flannel users more than once. knit picks the variant the way
-// kubernetes-sigs/iptables-wrappers (kube-proxy's images) and k3s do:
-// kubelet's KUBE-IPTABLES-HINT chain if present, else the variant that holds
-// more rules (ties go to nft), and reports a mismatch when both hold rules.
+// The variant detection (legacy or nft, and the mismatch report) lives in
+// internal/xtables, shared with the overlay's FORWARD rules.
 
 // Variants of iptables.
 const (
-	iptLegacy = "legacy"
-	iptNFT    = "nft"
+	iptLegacy = xtables.Legacy
+	iptNFT    = xtables.NFT
 )
 
-// iptCommands are one family's iptables programs of one variant.
-type iptCommands struct{ iptables, save, restore string }
+// iptDetection is what detection found and chose.
+type iptDetection = xtables.Detection
 
-func variantCommands(variant string) map[family]iptCommands {
-	suffix := ""
-	if variant != "" {
-		suffix = "-" + variant
-	}
-	return map[family]iptCommands{
-		v4: {"iptables" + suffix, "iptables" + suffix + "-save", "iptables" + suffix + "-restore"},
-		v6: {"ip6tables" + suffix, "ip6tables" + suffix + "-save", "ip6tables" + suffix + "-restore"},
-	}
-}
-
-// iptDetection is what detectIPTables found and chose.
-type iptDetection struct {
-	variant string // iptLegacy or iptNFT
-	cmds    map[family]iptCommands
-	// rules counts the rules ("-A" lines of *-save) each variant holds;
-	// absent when that variant's tools are not installed.
-	rules    map[string]int
-	why      string
-	mismatch bool
-}
-
-func (d *iptDetection) mismatchText() string {
-	if !d.mismatch {
-		return ""
-	}
-	return fmt.Sprintf("iptables mismatch: both iptables-legacy (%d rules) and iptables-nft (%d rules) hold rules on this node; "+
-		"packets go through both, so components using the other variant (a CNI plugin, kube-proxy, a host firewall, Docker) "+
-		"do not see knit's rules and knit does not see theirs; knit uses iptables-%s (%s); make every component use one variant "+
-		"(for example update-alternatives --set iptables /usr/sbin/iptables-%s), or use --proxy-backend=nftables",
-		d.rules[iptLegacy], d.rules[iptNFT], d.variant, d.why, d.variant)
-}
-
-// lookPath is exec.LookPath, replaced in tests.
-var lookPath = exec.LookPath
-
-// iptSave runs an iptables-save binary and returns its output, replaced in
-// tests.
-var iptSave = func(ctx context.Context, path string) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	return exec.CommandContext(ctx, path).Output()
-}
-
-// iptVersion runs "iptables --version", replaced in tests.
-var iptVersion = func(ctx context.Context, path string) ([]byte, error) {
-	return exec.CommandContext(ctx, path, "--version").Output()
-}
-
-func installed(c map[family]iptCommands) bool {
-	for _, p := range []string{c[v4].iptables, c[v4].save, c[v4].restore} {
-		if _, err := lookPath(p); err != nil {
-			return false
-		}
-	}
-	return true
-}
-
-// countRules counts the rules of a variant in both families, and whether
-// kubelet's hint chain is there.
-func countRules(ctx context.Context, c map[family]iptCommands) (rules int, hint bool) {
-	for _, f := range []family{v4, v6} {
-		out, err := iptSave(ctx, c[f].save)
-		if err != nil && len(out) == 0 {
-			continue
-		}
-		sc := bufio.NewScanner(bytes.NewReader(out))
-		sc.Buffer(make([]byte, 0, 64*1024), 1<<20)
-		for sc.Scan() {
-			l := sc.Text()
-			switch {
-			case strings.HasPrefix(l, "-A "):
-				rules++
-			case strings.HasPrefix(l, ":KUBE-IPTABLES-HINT "):
-				hint = true
-			}
-		}
-	}
-	return rules, hint
-}
-
-// detectIPTables picks the iptables variant: want ("legacy", "nft") if
-// given, else the one in use.
-func detectIPTables(ctx context.Context, want string) (*iptDetection, error) {
-	d := &iptDetection{rules: map[string]int{}}
-	switch want {
-	case iptLegacy, iptNFT:
-		d.cmds = variantCommands(want)
-		if !installed(d.cmds) {
-			return nil, fmt.Errorf("iptables-%s requested but %s, %s or %s is not installed", want, d.cmds[v4].iptables, d.cmds[v4].save, d.cmds[v4].restore)
-		}
-		d.variant, d.why = want, "forced by flag"
-		d.rules[iptLegacy], _ = countIfInstalled(ctx, iptLegacy)
-		d.rules[iptNFT], _ = countIfInstalled(ctx, iptNFT)
-	case "":
-		legacy, nft := variantCommands(iptLegacy), variantCommands(iptNFT)
-		hasLegacy, hasNFT := installed(legacy), installed(nft)
-		switch {
-		case hasLegacy && hasNFT:
-			nl, legacyHint := countRules(ctx, legacy)
-			nn, nftHint := countRules(ctx, nft)
-			d.rules[iptLegacy], d.rules[iptNFT] = nl, nn
-			switch {
-			case nftHint:
-				d.variant, d.why = iptNFT, "kubelet's KUBE-IPTABLES-HINT chain is in iptables-nft"
-			case legacyHint:
-				d.variant, d.why = iptLegacy, "kubelet's KUBE-IPTABLES-HINT chain is in iptables-legacy"
-			case nl > nn:
-				d.variant, d.why = iptLegacy, fmt.Sprintf("it holds more rules (%d vs %d)", nl, nn)
-			default:
-				d.variant, d.why = iptNFT, fmt.Sprintf("it holds at least as many rules (%d vs %d)", nn, nl)
-			}
-		case hasLegacy || hasNFT:
-			d.variant = iptLegacy
-			if hasNFT {
-				d.variant = iptNFT
-			}
-			d.why = "the only variant installed"
-			d.rules[d.variant], _ = countRules(ctx, variantCommands(d.variant))
-		default:
-			// Only plain iptables (many small distributions): ask it.
-			d.cmds = variantCommands("")
-			if !installed(d.cmds) {
-				return nil, errors.New("no iptables found (need iptables, iptables-save and iptables-restore, or their -legacy/-nft variants)")
-			}
-			out, err := iptVersion(ctx, d.cmds[v4].iptables)
-			if err != nil {
-				return nil, fmt.Errorf("iptables --version: %w", err)
-			}
-			d.variant, d.why = iptLegacy, "plain iptables, legacy by its --version"
-			if strings.Contains(string(out), "nf_tables") {
-				d.variant, d.why = iptNFT, "plain iptables, nf_tables by its --version"
-			}
-			d.rules[d.variant], _ = countRules(ctx, d.cmds)
-		}
-		if d.cmds == nil {
-			d.cmds = variantCommands(d.variant)
-		}
-	default:
-		return nil, fmt.Errorf("unknown iptables variant %q (want legacy or nft)", want)
-	}
-	d.mismatch = d.rules[iptLegacy] > 0 && d.rules[iptNFT] > 0
-	return d, nil
-}
-
-func countIfInstalled(ctx context.Context, variant string) (int, bool) {
-	c := variantCommands(variant)
-	if !installed(c) {
-		return 0, false
-	}
-	return countRules(ctx, c)
-}
+// iptHost runs the node's iptables programs; tests replace it.
+var iptHost = xtables.Host
 
 // newIPTables detects the variant (backend is "iptables", or
 // "iptables-legacy" / "iptables-nft" to force one) and opens it for both
 // families; IPv6 is optional (a kernel without it gets IPv4 rules only).
 func newIPTables(backend string, log *slog.Logger) (*iptBackend, error) {
 	want := strings.TrimPrefix(strings.TrimPrefix(backend, BackendIPTables), "-")
-	det, err := detectIPTables(context.Background(), want)
+	det, err := iptHost.Detect(context.Background(), want)
 	if err != nil {
 		return nil, err
 	}
 	fams := map[family]iptTables{}
 	var errs []error
 	for _, f := range []family{v4, v6} {
-		x, err := newIPTExec(f, det.cmds[f])
+		x, err := newIPTExec(f, det.Tools(f == v6))
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", det.cmds[f].iptables, err))
+			errs = append(errs, fmt.Errorf("%s: %w", det.Tools(f == v6).IPTables, err))
 			continue
 		}
 		fams[f] = x
 	}
 	if len(fams) == 0 {
-		return nil, fmt.Errorf("iptables-%s not usable: %w", det.variant, errors.Join(errs...))
+		return nil, fmt.Errorf("iptables-%s not usable: %w", det.Variant, errors.Join(errs...))
 	}
 	if fams[v6] == nil {
 		log.Warn("ip6tables not usable: IPv6 Services get no rules", "err", errors.Join(errs...))
 	}
 	b := newIPTBackend(fams, log)
 	b.detect = det
-	log.Info("using the iptables backend", "variant", "iptables-"+det.variant, "why", det.why,
-		"legacyRules", det.rules[iptLegacy], "nftRules", det.rules[iptNFT])
-	if det.mismatch {
-		log.Warn(det.mismatchText())
+	log.Info("using the iptables backend", "variant", "iptables-"+det.Variant, "why", det.Why,
+		"legacyRules", det.Rules[iptLegacy], "nftRules", det.Rules[iptNFT])
+	if det.Mismatch {
+		log.Warn(det.MismatchText())
 	}
 	return b, nil
 }
@@ -237,8 +78,8 @@ func (p *Proxier) initBackend(ipt *iptBackend, reg prometheus.Registerer) error 
 		}
 		name = BackendIPTables
 		if ipt.detect != nil {
-			name += "-" + ipt.detect.variant
-			if ipt.detect.mismatch {
+			name += "-" + ipt.detect.Variant
+			if ipt.detect.Mismatch {
 				mismatch = 1
 			}
 		}
@@ -266,8 +107,8 @@ func (p *Proxier) initBackend(ipt *iptBackend, reg prometheus.Registerer) error 
 // Warnings are problems worth an operator's attention that do not make the
 // proxy unready; the agent shows them on /readyz.
 func (p *Proxier) Warnings() []string {
-	if p.ipt != nil && p.ipt.detect != nil && p.ipt.detect.mismatch {
-		return []string{p.ipt.detect.mismatchText()}
+	if p.ipt != nil && p.ipt.detect != nil && p.ipt.detect.Mismatch {
+		return []string{p.ipt.detect.MismatchText()}
 	}
 	return nil
 }
@@ -286,7 +127,7 @@ func (p *Proxier) removeOtherBackend(ctx context.Context) {
 	if p.ipt.detect == nil {
 		return
 	}
-	removeIPTablesLeftovers(ctx, p.ipt.detect.variant, p.log)
+	removeIPTablesLeftovers(ctx, p.ipt.detect.Variant, p.log)
 	nft, err := knftables.New(knftables.InetFamily, tableName)
 	if err != nil {
 		return // no nftables here: nothing to remove
@@ -303,20 +144,20 @@ func (p *Proxier) removeOtherBackend(ctx context.Context) {
 	p.log.Info("removed the nftables table of an earlier run", "table", tableName)
 }
 
-// removeIPTablesLeftovers removes knit's jumps and chains from every
-// installed iptables variant except keep.
+// removeIPTablesLeftovers removes the proxy's jumps and chains from every
+// installed iptables variant except keep (the overlay's chain stays).
 func removeIPTablesLeftovers(ctx context.Context, keep string, log *slog.Logger) {
 	for _, variant := range []string{iptLegacy, iptNFT} {
-		cmds := variantCommands(variant)
-		if variant == keep || !installed(cmds) {
+		if variant == keep || !iptHost.Installed(variant) {
 			continue
 		}
 		for _, f := range []family{v4, v6} {
-			out, _ := iptSave(ctx, cmds[f].save)
-			if !bytes.Contains(out, []byte(":KNIT-")) && !bytes.Contains(out, []byte("-j KNIT-")) {
+			tools := xtables.ToolsOf(variant, f == v6)
+			out, _ := iptHost.Save(ctx, tools.Save)
+			if !holdsProxyChains(out) {
 				continue
 			}
-			x, err := newIPTExec(f, cmds[f])
+			x, err := newIPTExec(f, tools)
 			if err == nil {
 				err = x.removeAll(ctx)
 			}
@@ -327,4 +168,23 @@ func removeIPTablesLeftovers(ctx context.Context, keep string, log *slog.Logger)
 			log.Info("removed knit's iptables rules of an earlier run", "variant", "iptables-"+variant, "family", f.String())
 		}
 	}
+}
+
+// proxyChain tells the proxy's chains (KNIT-*) from the overlay's
+// xtables.ForwardChain, which the proxy never removes.
+func proxyChain(name string) bool {
+	return strings.HasPrefix(name, "KNIT-") && name != xtables.ForwardChain
+}
+
+// holdsProxyChains reports whether an iptables-save output declares one of
+// the proxy's chains.
+func holdsProxyChains(save []byte) bool {
+	sc := bufio.NewScanner(bytes.NewReader(save))
+	sc.Buffer(make([]byte, 0, 64*1024), 1<<20)
+	for sc.Scan() {
+		if l := sc.Text(); strings.HasPrefix(l, ":") && proxyChain(strings.Fields(l[1:])[0]) {
+			return true
+		}
+	}
+	return false
 }

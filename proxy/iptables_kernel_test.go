@@ -54,9 +54,9 @@ func realIPT(t testing.TB, variant string) *iptBackend {
 // iptSaveText is the variant's iptables-save output (family f).
 func iptSaveText(t *testing.T, b *iptBackend, f family) string {
 	t.Helper()
-	out, err := exec.Command(b.detect.cmds[f].save).Output()
+	out, err := exec.Command(b.detect.Tools(f == v6).Save).Output()
 	if err != nil {
-		t.Fatalf("%s: %v", b.detect.cmds[f].save, err)
+		t.Fatalf("%s: %v", b.detect.Tools(f == v6).Save, err)
 	}
 	return string(out)
 }
@@ -449,7 +449,7 @@ func TestIPTablesKernelCanary(t *testing.T) {
 			if _, err := h.p.syncOnce(ctx); err != nil {
 				t.Fatal(err)
 			}
-			reload := exec.Command(b.detect.cmds[v4].restore)
+			reload := exec.Command(b.detect.Tools(false).Restore)
 			reload.Stdin = strings.NewReader("*mangle\nCOMMIT\n*nat\nCOMMIT\n*filter\nCOMMIT\n")
 			if out, err := reload.CombinedOutput(); err != nil {
 				t.Fatalf("reload: %v: %s", err, out)
@@ -502,8 +502,8 @@ func TestIPTablesKernelMismatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b.detect.variant != iptLegacy || b.detect.mismatch {
-		t.Errorf("legacy in use: chose %s (%s), mismatch %v", b.detect.variant, b.detect.why, b.detect.mismatch)
+	if b.detect.Variant != iptLegacy || b.detect.Mismatch {
+		t.Errorf("legacy in use: chose %s (%s), mismatch %v", b.detect.Variant, b.detect.Why, b.detect.Mismatch)
 	}
 
 	// Both in use: reported.
@@ -514,7 +514,7 @@ func TestIPTablesKernelMismatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !b.detect.mismatch || b.detect.rules[iptLegacy] != 1 || b.detect.rules[iptNFT] != 1 {
+	if !b.detect.Mismatch || b.detect.Rules[iptLegacy] != 1 || b.detect.Rules[iptNFT] != 1 {
 		t.Fatalf("both in use: detection %+v", b.detect)
 	}
 	h := newHarness(t, testConfig(), nil)

@@ -338,83 +338,11 @@ func TestIPTablesNoIPv6(t *testing.T) {
 	}
 }
 
-// TestIPTablesDetect covers the variant choice (kube-proxy's
-// iptables-wrapper and k3s rules) and the mismatch report.
-func TestIPTablesDetect(t *testing.T) {
-	tests := []struct {
-		name         string
-		installed    []string // variants: "legacy", "nft", "" (plain)
-		save         map[string]string
-		version      string
-		want         string
-		wantVariant  string
-		wantMismatch bool
-		wantErr      string
-	}{
-		{name: "both empty: nft", installed: []string{"legacy", "nft"}, wantVariant: iptNFT},
-		{name: "legacy in use", installed: []string{"legacy", "nft"},
-			save: map[string]string{"iptables-legacy-save": "*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n"}, wantVariant: iptLegacy},
-		{name: "both in use: more rules wins, mismatch reported", installed: []string{"legacy", "nft"},
-			save: map[string]string{
-				"iptables-legacy-save": "*nat\n-A POSTROUTING -j MASQUERADE\n-A POSTROUTING -j RETURN\n",
-				"iptables-nft-save":    "*filter\n-A FORWARD -j DROP\n",
-			}, wantVariant: iptLegacy, wantMismatch: true},
-		{name: "kubelet's hint beats counts", installed: []string{"legacy", "nft"},
-			save: map[string]string{
-				"iptables-legacy-save": "*nat\n-A POSTROUTING -j MASQUERADE\n-A POSTROUTING -j RETURN\n",
-				"ip6tables-nft-save":   "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\n-A FORWARD -j DROP\n",
-			}, wantVariant: iptNFT, wantMismatch: true},
-		{name: "only legacy installed", installed: []string{"legacy"}, wantVariant: iptLegacy},
-		{name: "plain iptables, nf_tables", installed: []string{""}, version: "iptables v1.8.9 (nf_tables)\n", wantVariant: iptNFT},
-		{name: "plain iptables, legacy", installed: []string{""}, version: "iptables v1.6.1\n", wantVariant: iptLegacy},
-		{name: "none", wantErr: "no iptables found"},
-		{name: "forced legacy", installed: []string{"legacy", "nft"}, want: iptLegacy, wantVariant: iptLegacy},
-		{name: "forced but missing", installed: []string{"legacy"}, want: iptNFT, wantErr: "iptables-nft requested"},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			have := map[string]bool{}
-			for _, v := range tc.installed {
-				for _, c := range variantCommands(v) {
-					have[c.iptables], have[c.save], have[c.restore] = true, true, true
-				}
-			}
-			oldLook, oldSave, oldVersion := lookPath, iptSave, iptVersion
-			t.Cleanup(func() { lookPath, iptSave, iptVersion = oldLook, oldSave, oldVersion })
-			lookPath = func(p string) (string, error) {
-				if have[p] {
-					return "/usr/sbin/" + p, nil
-				}
-				return "", errors.New("not found")
-			}
-			iptSave = func(_ context.Context, p string) ([]byte, error) { return []byte(tc.save[p]), nil }
-			iptVersion = func(context.Context, string) ([]byte, error) { return []byte(tc.version), nil }
-
-			d, err := detectIPTables(context.Background(), tc.want)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("err = %v, want %q", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if d.variant != tc.wantVariant || d.mismatch != tc.wantMismatch {
-				t.Errorf("variant %s mismatch %v (%s), want %s %v", d.variant, d.mismatch, d.why, tc.wantVariant, tc.wantMismatch)
-			}
-			if d.mismatch && !strings.Contains(d.mismatchText(), "iptables-"+d.variant) {
-				t.Errorf("mismatch text does not say what knit uses: %s", d.mismatchText())
-			}
-		})
-	}
-}
-
 // TestIPTablesMismatchReported: the proxier's warnings (shown on /readyz)
 // and metric carry the mismatch.
 func TestIPTablesMismatchReported(t *testing.T) {
 	h := newIPTHarness(t, testConfig())
-	h.p.ipt.detect = &iptDetection{variant: iptLegacy, rules: map[string]int{iptLegacy: 3, iptNFT: 2}, mismatch: true, why: "test"}
+	h.p.ipt.detect = &iptDetection{Variant: iptLegacy, Rules: map[string]int{iptLegacy: 3, iptNFT: 2}, Mismatch: true, Why: "test"}
 	w := h.p.Warnings()
 	if len(w) != 1 || !strings.Contains(w[0], "both iptables-legacy (3 rules) and iptables-nft (2 rules)") {
 		t.Errorf("warnings = %q", w)

@@ -49,7 +49,7 @@ func (p *Proxier) Status() *status.Proxy {
 	if p.ipt != nil {
 		st.Backend, st.Table = BackendIPTables, "KNIT-* chains"
 		if p.ipt.detect != nil {
-			st.Backend += "-" + p.ipt.detect.variant
+			st.Backend += "-" + p.ipt.detect.Variant
 		}
 	}
 	if t := p.status.lastFull.Load(); t != 0 {
