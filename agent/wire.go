@@ -45,6 +45,14 @@ func buildOverlay(a *Agent) (Component, error) {
 	cfg := a.cfg.Component.Overlay
 	cfg.NodeName = a.cfg.NodeName
 	cfg.ClusterCIDRs = a.cfg.ClusterCIDRs
+	if a.cfg.Enabled["proxy"] {
+		// The FORWARD accept rules also let the proxy's marked Service
+		// traffic through, as kube-proxy's KUBE-FORWARD does.
+		cfg.ForwardMark = a.cfg.Component.Proxy.MasqueradeMark
+		if cfg.ForwardMark == 0 {
+			cfg.ForwardMark = proxy.DefaultConfig().MasqueradeMark
+		}
+	}
 	// NodeIP stays unset unless --node-ip gave exactly one address: the
 	// overlay then takes the Node's InternalIPs itself, one VXLAN device
 	// per underlay family on a dual-stack underlay.

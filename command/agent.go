@@ -54,6 +54,7 @@ func agentCommand() *cli.Command {
 			&cli.IntFlag{Name: "vxlan-vni", Value: 1},
 			&cli.IntFlag{Name: "vxlan-port", Value: 8472},
 			&cli.BoolFlag{Name: "masquerade", Value: true, Usage: "masquerade pod traffic leaving the cluster CIDR"},
+			&cli.BoolFlag{Name: "overlay-forward-rules", Value: true, Usage: "accept traffic from and to the cluster CIDR in the iptables FORWARD chain (chain KNIT-FORWARD), so a FORWARD policy of DROP (Docker's) does not cut pods off"},
 			&cli.StringFlag{Name: "proxy-backend", Value: "auto", Usage: "nftables, iptables (iptables-legacy, iptables-nft to force the variant) or auto (nftables if usable, else iptables)"},
 			&cli.StringFlag{Name: "lb-class", Value: lb.DefaultClass, Usage: "loadBalancerClass of the Services knit's load balancer serves (it runs with the proxy component); empty turns it off"},
 			&cli.BoolFlag{Name: "lb-default-class", Usage: "the load balancer also serves LoadBalancer Services with no loadBalancerClass"},
@@ -133,6 +134,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	comp.Overlay.VNI = c.Int("vxlan-vni")
 	comp.Overlay.Port = c.Int("vxlan-port")
 	comp.Overlay.Masquerade = c.Bool("masquerade")
+	comp.Overlay.ForwardRules = c.Bool("overlay-forward-rules")
 	comp.Proxy = proxy.DefaultConfig()
 	comp.Proxy.Backend = c.String("proxy-backend")
 	comp.LB = lb.DefaultConfig()

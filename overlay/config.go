@@ -57,6 +57,15 @@ type Config struct {
 	Masquerade bool
 	// SyncPeriod is the interval of full resyncs against the kernel (default 30s).
 	SyncPeriod time.Duration
+	// ForwardRules accepts traffic from and to ClusterCIDRs in the
+	// iptables filter FORWARD chain (chain KNIT-FORWARD, see forward.go),
+	// so that a FORWARD policy of DROP (Docker's) does not cut pods off
+	// (default true in DefaultConfig; flannel's --iptables-forward-rules).
+	ForwardRules bool
+	// ForwardMark is the proxy's masquerade mark bit: KNIT-FORWARD also
+	// accepts packets carrying it, as kube-proxy's KUBE-FORWARD does. 0:
+	// no such rule.
+	ForwardMark uint32
 }
 
 // DefaultConfig returns the defaults; set NodeName and ClusterCIDRs.
@@ -65,8 +74,9 @@ func DefaultConfig() Config {
 		Backend:    BackendVXLAN,
 		VNI:        DefaultVNI,
 		Port:       DefaultPort,
-		Masquerade: true,
-		SyncPeriod: DefaultSyncPeriod,
+		Masquerade:   true,
+		ForwardRules: true,
+		SyncPeriod:   DefaultSyncPeriod,
 	}
 }
 
@@ -113,6 +123,12 @@ func (c Config) normalize() (Config, error) {
 	}
 	if c.Masquerade && len(c.ClusterCIDRs) == 0 {
 		return c, errors.New("masquerade needs the cluster CIDRs")
+	}
+	if c.ForwardRules && len(c.ClusterCIDRs) == 0 {
+		return c, errors.New("forward rules need the cluster CIDRs")
+	}
+	if c.ForwardMark&(c.ForwardMark-1) != 0 {
+		return c, fmt.Errorf("forward mark %#x must be a single bit", c.ForwardMark)
 	}
 	return c, nil
 }

@@ -265,6 +265,7 @@ func (l *lab) start(nd *labNode, backend Backend) {
 		}
 		return &nsNFT{Interface: nft, ns: target}, nil
 	}
+	noIPTables(o) // forward rules have their own kernel test (forward_kernel_test.go)
 	nd.o = o
 	ctx, cancel := context.WithCancel(context.Background())
 	factory.Start(ctx.Done())

@@ -11,6 +11,7 @@ type metrics struct {
 	syncDuration    prometheus.Histogram
 	errors          *prometheus.CounterVec
 	kernelChanges   *prometheus.CounterVec
+	forwardBlocked  *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -38,11 +39,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"stage"}),
 		kernelChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "knit_overlay_kernel_changes_total",
-			Help: "Netlink changes made, by object (link, addr, fdb, neigh, route) and operation. Flat when nothing changes.",
+			Help: "Netlink changes made, by object (link, addr, fdb, neigh, route) and operation, and iptables changes (object iptables-forward: chain, jump, delete). Flat when nothing changes.",
 		}, []string{"object", "op"}),
+		forwardBlocked: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "knit_overlay_forward_blocked",
+			Help: "Native nftables forward base chains with policy drop (value 1 each): they may drop pod traffic between nodes, and knit's FORWARD accept rules cannot override them.",
+		}, []string{"family", "table", "chain"}),
 	}
 	for _, c := range []prometheus.Collector{m.peersKnown, m.peersProgrammed, m.peersSkipped,
-		m.syncDuration, m.errors, m.kernelChanges} {
+		m.syncDuration, m.errors, m.kernelChanges, m.forwardBlocked} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/knftables"
 
+	"knit.dev/knit/internal/xtables"
 	"knit.dev/knit/status"
 )
 
@@ -70,6 +71,7 @@ type Overlay struct {
 
 	// Owned by the sync loop.
 	masq    masq
+	fwd     *forward
 	skips   map[string]string // "peer/family" -> reason last reported
 	waiting string            // why the last sync could not render, "" if it could
 }
@@ -101,6 +103,7 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 		trigger: make(chan struct{}, 1),
 		publish: make(chan map[string]string, 1),
 		skips:   map[string]string{},
+		fwd:     newForward(log),
 	}
 	o.waitingStatus.Store(new(string))
 	inf := src.Nodes.Informer()
@@ -118,7 +121,7 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 		return nil, fmt.Errorf("node event handler: %w", err)
 	}
 	log.Info("overlay configured", "node", cfg.NodeName, "backend", cfg.Backend, "vni", cfg.VNI,
-		"port", cfg.Port, "clusterCIDRs", cfg.ClusterCIDRs, "masquerade", cfg.Masquerade)
+		"port", cfg.Port, "clusterCIDRs", cfg.ClusterCIDRs, "masquerade", cfg.Masquerade, "forwardRules", cfg.ForwardRules)
 	return o, nil
 }
 
@@ -290,6 +293,10 @@ func (o *Overlay) sync(ctx context.Context, r *reconciler, full bool) error {
 		o.m.errors.WithLabelValues("nftables").Inc()
 		errs = append(errs, err)
 	}
+	if err := o.syncForward(ctx, full); err != nil {
+		o.m.errors.WithLabelValues("iptables").Inc()
+		errs = append(errs, err)
+	}
 
 	select { // latest wins: replace an unsent older value
 	case <-o.publish:
@@ -321,6 +328,19 @@ func (o *Overlay) syncMasq(ctx context.Context, full bool) error {
 	changed, err := o.masq.sync(ctx, &o.cfg, full)
 	if changed {
 		o.log.Info("nftables masquerade rules applied", "table", nftTable, "enabled", o.cfg.Masquerade)
+	}
+	return err
+}
+
+func (o *Overlay) syncForward(ctx context.Context, full bool) error {
+	changed, err := o.fwd.sync(ctx, &o.cfg, full, func(op string) {
+		o.m.kernelChanges.WithLabelValues("iptables-forward", op).Inc()
+	})
+	if changed {
+		o.log.Info("iptables FORWARD accept rules applied", "chain", xtables.ForwardChain, "enabled", o.cfg.ForwardRules)
+	}
+	if full {
+		o.fwd.checkNFT(ctx, o.m.forwardBlocked)
 	}
 	return err
 }

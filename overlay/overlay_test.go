@@ -59,6 +59,7 @@ func startHarnessWith(t *testing.T, cfg Config, k *fakeKernel, nft *knftables.Fa
 	}
 	o.newKernel = func() (kernel, error) { return h.k, nil }
 	o.newNFT = func() (knftables.Interface, error) { return h.nft, nil }
+	noIPTables(o)
 	h.o = o
 	ctx, cancel := context.WithCancel(context.Background())
 	factory.Start(ctx.Done())

@@ -42,6 +42,10 @@ const (
 // leave it alone.
 const ForwardChain = "KNIT-FORWARD"
 
+// ForwardJumpComment is the comment of the overlay's jump from FORWARD to
+// ForwardChain (knit uninstall looks for it).
+const ForwardJumpComment = "knit overlay forward rules"
+
 // Tools are one family's iptables programs of one variant.
 type Tools struct{ IPTables, Save, Restore string }
 
