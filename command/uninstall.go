@@ -25,7 +25,7 @@ func symlinkNames() []string {
 func uninstallCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "uninstall",
-		Usage: "remove what knit left on this node (interfaces, proto 75 routes, nftables tables, CNI files), and only that",
+		Usage: "remove what knit left on this node (interfaces, proto 75 routes, nftables tables, the overlay's iptables FORWARD chain, CNI files), and only that",
 		Description: `Run on the node (as root, in the host network namespace) after deleting
 knit's DaemonSet. Without --yes it only lists what it would remove. Pods
 still running on the node lose their network.`,

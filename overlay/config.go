@@ -71,9 +71,9 @@ type Config struct {
 // DefaultConfig returns the defaults; set NodeName and ClusterCIDRs.
 func DefaultConfig() Config {
 	return Config{
-		Backend:    BackendVXLAN,
-		VNI:        DefaultVNI,
-		Port:       DefaultPort,
+		Backend:      BackendVXLAN,
+		VNI:          DefaultVNI,
+		Port:         DefaultPort,
 		Masquerade:   true,
 		ForwardRules: true,
 		SyncPeriod:   DefaultSyncPeriod,

@@ -193,6 +193,23 @@ add chain ip knit-proxy c
 add table ip6 user6
 `)
 
+	// The overlay's FORWARD accept chain in each installed iptables
+	// variant, next to a user's FORWARD rule and chain.
+	var iptWant []string
+	for _, v := range []string{"legacy", "nft"} {
+		if _, err := exec.LookPath("iptables-" + v + "-restore"); err != nil {
+			continue
+		}
+		cmd := exec.Command("ip", "netns", "exec", n.name, "iptables-"+v+"-restore", "--noflush")
+		cmd.Stdin = strings.NewReader("*filter\n:KNIT-FORWARD - [0:0]\n:USER-FWD - [0:0]\n" +
+			"-A FORWARD -j USER-FWD\n-A FORWARD -m comment --comment \"knit overlay forward rules\" -j KNIT-FORWARD\n" +
+			"-A KNIT-FORWARD -s 10.42.0.0/16 -j ACCEPT\nCOMMIT\n")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("iptables-%s-restore: %v: %s", v, err, out)
+		}
+		iptWant = append(iptWant, "iptables-"+v+" chain filter KNIT-FORWARD and its jump from FORWARD")
+	}
+
 	var steps []Step
 	if err := n.do(func() (err error) { steps, err = Plan(context.Background(), fs.config()); return err }); err != nil {
 		t.Fatalf("Plan: %v", err)
@@ -216,6 +233,7 @@ add table ip6 user6
 	if dummy {
 		want = append(want, "link knit-dns0 (dummy)")
 	}
+	want = append(want, iptWant...)
 	for _, w := range want {
 		if !containsStr(plan, w) {
 			t.Errorf("plan lacks %q", w)
@@ -268,6 +286,12 @@ add table ip6 user6
 	for _, kept := range []string{"table inet user-table", "table ip knit-proxy", "table ip6 user6"} {
 		if !strings.Contains(tables, kept+"\n") {
 			t.Errorf("%s is gone; it is not knit's:\n%s", kept, tables)
+		}
+	}
+	for _, w := range iptWant {
+		save := n.in(strings.Fields(w)[0] + "-save")
+		if strings.Contains(save, "KNIT-FORWARD") || !strings.Contains(save, "-A FORWARD -j USER-FWD") || !strings.Contains(save, ":USER-FWD") {
+			t.Errorf("after uninstall, %s:\n%s", strings.Fields(w)[0], save)
 		}
 	}
 	for _, p := range userFiles {

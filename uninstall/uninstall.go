@@ -7,6 +7,9 @@
 //	nftables tables inet knit-proxy,         their names (proxy, overlay,
 //	  knit-overlay, knit-hostport,           cni/hostport, ingress each
 //	  knit-ingress, knit-dns                 own one)
+//	iptables chain filter KNIT-FORWARD and   its name and the jump's comment
+//	  its jump from FORWARD, in each         (overlay's FORWARD accept rules)
+//	  installed variant and family
 //	routes in the main table with proto 75   the overlay tags every route it
 //	                                         installs with protocol 75
 //	links knit-vx4, knit-vx6 (vxlan)         name and type (overlay)
@@ -30,7 +33,7 @@
 //
 // Data flow: Plan inspects the node (netlink, nft, the file system) and
 // returns Steps, one per object found; nothing is changed. Apply runs the
-// steps in order (firewall tables, routes, links, addresses, files) and
+// steps in order (firewall tables and chains, routes, links, addresses, files) and
 // goes on after a failure, returning every error. A step whose object is
 // already gone counts as done, so Uninstall can run twice.
 //
@@ -128,6 +131,7 @@ func Plan(ctx context.Context, cfg Config) ([]Step, error) {
 		}
 	}
 	add(planTables(ctx))
+	add(planIPTables(ctx))
 	add(planRoutes())
 	add(planLinks(cfg))
 	add(planLoopback(cfg.ClusterDNS))

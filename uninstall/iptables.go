@@ -1,0 +1,71 @@
+package uninstall
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+
+	"github.com/coreos/go-iptables/iptables"
+
+	"knit.dev/knit/internal/xtables"
+)
+
+// planIPTables finds the overlay's FORWARD accept chain (KNIT-FORWARD in
+// the filter table, with its jump from FORWARD) in each installed iptables
+// variant and family. iptables-save lists only tables that exist, so a
+// variant nobody uses is not woken up by looking.
+func planIPTables(ctx context.Context) ([]Step, error) {
+	variants := []string{xtables.Legacy, xtables.NFT}
+	if !xtables.Host.Installed(xtables.Legacy) && !xtables.Host.Installed(xtables.NFT) {
+		variants = []string{""} // plain iptables only
+	}
+	var steps []Step
+	for _, v := range variants {
+		if !xtables.Host.Installed(v) {
+			continue
+		}
+		for _, v6 := range []bool{false, true} {
+			tools := xtables.ToolsOf(v, v6)
+			out, _ := xtables.Host.Save(ctx, tools.Save)
+			if !bytes.Contains(out, []byte(":"+xtables.ForwardChain+" ")) {
+				continue
+			}
+			proto := iptables.ProtocolIPv4
+			if v6 {
+				proto = iptables.ProtocolIPv6
+			}
+			steps = append(steps, Step{
+				What: fmt.Sprintf("%s chain filter %s and its jump from FORWARD", tools.IPTables, xtables.ForwardChain),
+				apply: func() error {
+					ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(tools.IPTables), iptables.Timeout(5))
+					if err != nil {
+						return err
+					}
+					return removeForwardChain(ipt)
+				},
+			})
+		}
+	}
+	return steps, nil
+}
+
+func removeForwardChain(ipt *iptables.IPTables) error {
+	ok, err := ipt.ChainExists("filter", xtables.ForwardChain)
+	if err != nil || !ok {
+		return err
+	}
+	jump := []string{"-m", "comment", "--comment", xtables.ForwardJumpComment, "-j", xtables.ForwardChain}
+	for {
+		there, err := ipt.Exists("filter", "FORWARD", jump...)
+		if err != nil {
+			return err
+		}
+		if !there {
+			break
+		}
+		if err := ipt.Delete("filter", "FORWARD", jump...); err != nil {
+			return err
+		}
+	}
+	return ipt.ClearAndDeleteChain("filter", xtables.ForwardChain)
+}
