@@ -671,6 +671,10 @@ func (r *run) endpointProbeFailed(n *NodeInfo, rep *NodeReport, p Probe) Result 
 		res.Summary = fmt.Sprintf("%s gets no answer from %s: %s", n.Name, where, res.Summary)
 		return res
 	}
+	if res, bad := r.forwardBlocked(n.Name, p.Node); bad {
+		res.Summary = fmt.Sprintf("%s gets no answer from %s: %s", n.Name, where, res.Summary)
+		return res
+	}
 	return Result{Outcome: Fail,
 		Summary: fmt.Sprintf("%s gets no answer from %s: %s", n.Name, where, p.Error),
 		Fix:     "knit's routes to that node look right: check the pod itself, and the underlay between " + n.Name + " and " + orDash(p.Node) + " (VXLAN uses UDP 8472)"}
@@ -752,6 +756,24 @@ func (r *run) routeProblem(n *NodeInfo, rep *NodeReport, peer string) (Result, b
 				Summary: fmt.Sprintf("%s has no FDB entry on %s for %s's VTEP: it does not know where to send the encapsulated packets", n.Name, rc.Dev, peer),
 				Fix:     fix}, true
 		}
+	}
+	return Result{}, false
+}
+
+// forwardBlocked reports a native nftables firewall on the nodes of a path
+// whose forward chain drops by default: packets to a pod on another node
+// are forwarded there, and knit's iptables accept rules cannot override a
+// drop in someone else's nftables chain.
+func (r *run) forwardBlocked(nodes ...string) (Result, bool) {
+	for _, name := range nodes {
+		st := r.statuses[name]
+		if st == nil || st.Overlay == nil || len(st.Overlay.ForwardBlocked) == 0 {
+			continue
+		}
+		chains := strings.Join(st.Overlay.ForwardBlocked, ", ")
+		return Result{Outcome: Fail,
+			Summary: fmt.Sprintf("%s has an nftables forward chain with policy drop (%s): it may drop pod traffic that node forwards, and knit's FORWARD accept rules cannot override it", name, chains),
+			Fix:     fmt.Sprintf("on %s, accept the cluster CIDR in that chain (e.g. ip saddr <cluster CIDR> accept; ip daddr <cluster CIDR> accept; ct state established,related accept)", name)}, true
 	}
 	return Result{}, false
 }

@@ -256,6 +256,15 @@ func TestRun(t *testing.T) {
 				r.Probes[i].OK, r.Probes[i].Timeout, r.Probes[i].Error = false, true, "i/o timeout"
 			}
 		}},
+		{name: "native nftables forward drop on the endpoint's node", from: "node1", check: CheckProbes,
+			want: []string{"node1 gets no answer from 10.42.1.5:8080", "node2 has an nftables forward chain with policy drop (inet filter forward)", "ip saddr <cluster CIDR> accept"},
+			breakIt: func(w *world) {
+				w.agents.statuses["node2"].Overlay.ForwardBlocked = []string{"inet filter forward"}
+				r := w.agents.reports["node1"]
+				for i := range r.Probes {
+					r.Probes[i].OK, r.Probes[i].Timeout, r.Probes[i].Error = false, true, "i/o timeout"
+				}
+			}},
 		{name: "route shadowed by a more specific one", from: "node1", check: CheckOverlay, want: []string{"has knit's route 10.42.1.0/24 dev knit-vx4, but sends 10.42.1.5 via 198.18.0.254 dev eth0", "ip route get 10.42.1.5"}, breakIt: func(w *world) {
 			w.agents.reports["node1"].Routes[0].Shadowed = true
 			w.agents.reports["node1"].Routes[0].Actual = "via 198.18.0.254 dev eth0"

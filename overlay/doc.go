@@ -1,7 +1,8 @@
 // Package overlay owns cross-node pod connectivity: the VXLAN devices
 // knit-vx4/knit-vx6, their FDB and neighbour entries, the routes to every
 // peer's podCIDR (tagged "proto 75"), the nftables table knit-overlay
-// (egress masquerade), and this node's overlay.knit.dev/* annotations.
+// (egress masquerade), the iptables chain KNIT-FORWARD with its jump from
+// FORWARD (forward.go), and this node's overlay.knit.dev/* annotations.
 //
 // Data flow (one way, level-triggered):
 //
@@ -14,6 +15,7 @@
 //	          render(every Node)       pure: desired devices/FDB/neigh/routes
 //	          reconciler.apply         dump kernel, diff, change only what differs
 //	          masq.sync                one nftables transaction, if the chain differs
+//	          fwd.sync                 KNIT-FORWARD accept rules, if missing or different
 //	          publish <- annotations   separate goroutine patches our own Node
 //
 // What a peer with podCIDR 10.42.2.0/24, node IP 198.19.0.2 and VTEP MAC m
@@ -45,6 +47,19 @@
 // publish overlay.knit.dev/public-ip(-v6) and vtep-mac(-v6) on their own Node
 // objects; a peer whose data is missing or malformed is skipped (logged once,
 // knit_overlay_peers_skipped_total{reason}), never half-programmed.
+//
+// A host firewall whose FORWARD policy is DROP (Docker's, hardening
+// guides') would drop every packet the node forwards for its pods: pod to
+// pod across nodes, egress, Service traffic DNATed to a pod elsewhere. An
+// accept in knit's own nftables table cannot override another base
+// chain's drop at the same hook, so the accept goes into the iptables
+// filter FORWARD chain itself, as flannel's FLANNEL-FWD and kube-proxy's
+// KUBE-FORWARD do: chain KNIT-FORWARD (from and to the cluster CIDRs, the
+// proxy's masquerade mark, replies) and a jump at the top of FORWARD, in
+// each iptables variant in use (internal/xtables) and each family the
+// cluster has (Config.ForwardRules, --overlay-forward-rules). A native
+// nftables forward chain with policy drop is beyond reach: it is reported
+// (log, knit_overlay_forward_blocked, status for knit doctor).
 //
 // Nothing is torn down when Run returns: an agent restart, or an API server
 // outage (the informer cache keeps its last state), leaves traffic flowing,

@@ -186,7 +186,7 @@ func (fw *forward) sync(ctx context.Context, cfg *Config, full bool, changed fun
 			return false, nil
 		}
 		for _, d := range ds {
-			fw.addVariant(d)
+			fw.addVariant(d, cfg)
 		}
 	} else if full && !fw.absent {
 		// A firewall started after knit may have put a DROP policy or
@@ -196,7 +196,7 @@ func (fw *forward) sync(ctx context.Context, cfg *Config, full bool, changed fun
 				continue
 			}
 			if u := fw.sys.Usage(ctx, v); u.Rules > 0 || u.ForwardDrop {
-				fw.addVariant(xtables.Detection{Variant: v, Why: "it now holds rules or a FORWARD policy of DROP"})
+				fw.addVariant(xtables.Detection{Variant: v, Why: "it now holds rules or a FORWARD policy of DROP"}, cfg)
 			}
 		}
 	}
@@ -217,9 +217,14 @@ func (fw *forward) sync(ctx context.Context, cfg *Config, full bool, changed fun
 	return wrote, errors.Join(errs...)
 }
 
-func (fw *forward) addVariant(d xtables.Detection) {
+// addVariant opens the variant's iptables for each family the cluster
+// has.
+func (fw *forward) addVariant(d xtables.Detection, cfg *Config) {
 	fw.variants[d.Variant] = true
 	for _, fam := range families {
+		if fwdRules(cfg.ClusterCIDRs, fam, 0) == nil {
+			continue
+		}
 		tools := d.Tools(fam == v6)
 		name := fmt.Sprintf("iptables-%s %s", d.Variant, fam)
 		ipt, err := fw.open(tools, fam)

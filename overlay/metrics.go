@@ -35,7 +35,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "knit_overlay_errors_total",
-			Help: "Failed steps, by stage (underlay, kernel, nftables, annotations).",
+			Help: "Failed steps, by stage (underlay, kernel, nftables, iptables, annotations).",
 		}, []string{"stage"}),
 		kernelChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "knit_overlay_kernel_changes_total",

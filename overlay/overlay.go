@@ -68,6 +68,7 @@ type Overlay struct {
 	syncRec       status.SyncRecorder
 	snap          atomic.Pointer[status.Overlay]
 	waitingStatus atomic.Pointer[string]
+	blocked       atomic.Pointer[[]string] // native nftables forward drops, for Status
 
 	// Owned by the sync loop.
 	masq    masq
@@ -336,11 +337,18 @@ func (o *Overlay) syncForward(ctx context.Context, full bool) error {
 	changed, err := o.fwd.sync(ctx, &o.cfg, full, func(op string) {
 		o.m.kernelChanges.WithLabelValues("iptables-forward", op).Inc()
 	})
-	if changed {
-		o.log.Info("iptables FORWARD accept rules applied", "chain", xtables.ForwardChain, "enabled", o.cfg.ForwardRules)
+	switch {
+	case changed && o.cfg.ForwardRules:
+		o.log.Info("iptables FORWARD accept rules applied", "chain", xtables.ForwardChain)
+	case changed:
+		o.log.Info("iptables FORWARD accept rules removed (turned off)", "chain", xtables.ForwardChain)
 	}
 	if full {
-		o.fwd.checkNFT(ctx, o.m.forwardBlocked)
+		var names []string
+		for _, d := range o.fwd.checkNFT(ctx, o.m.forwardBlocked) {
+			names = append(names, d.String())
+		}
+		o.blocked.Store(&names)
 	}
 	return err
 }

@@ -24,6 +24,9 @@ func (o *Overlay) Status() *status.Overlay {
 	if w := o.waitingStatus.Load(); w != nil {
 		st.Waiting = *w
 	}
+	if b := o.blocked.Load(); b != nil {
+		st.ForwardBlocked = *b
+	}
 	return st
 }
 

@@ -389,6 +389,19 @@ func TestRemoveOtherBackend(t *testing.T) {
 	if save := iptSaveText(t, legacy, v4); !strings.Contains(save, ":KNIT-SERVICES") {
 		t.Fatal("no knit rules in iptables-legacy")
 	}
+	// The overlay's FORWARD accept chain is not the proxy's to remove.
+	overlayFwd := "*filter\n:KNIT-FORWARD - [0:0]\n-A FORWARD -m comment --comment \"knit overlay forward rules\" -j KNIT-FORWARD\n" +
+		"-A KNIT-FORWARD -s 10.42.0.0/16 -j ACCEPT\nCOMMIT\n"
+	restore := exec.Command("iptables-legacy-restore", "--noflush")
+	restore.Stdin = strings.NewReader(overlayFwd)
+	if out, err := restore.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("iptables-legacy", "-D", "FORWARD", "-m", "comment", "--comment", "knit overlay forward rules", "-j", "KNIT-FORWARD").Run()
+		_ = exec.Command("iptables-legacy", "-F", "KNIT-FORWARD").Run()
+		_ = exec.Command("iptables-legacy", "-X", "KNIT-FORWARD").Run()
+	})
 
 	// Restarted on nftables: the legacy rules go after its first sync.
 	nft, lister, err := newNFT()
@@ -400,12 +413,16 @@ func TestRemoveOtherBackend(t *testing.T) {
 	h2.p.leftovers = h2.p.removeOtherBackend
 	h2.sync()
 	for _, f := range []family{v4, v6} {
-		if save := iptSaveText(t, legacy, f); strings.Contains(save, "KNIT-") {
+		if save := iptSaveText(t, legacy, f); holdsProxyChains([]byte(save)) || strings.Contains(save, "-j KNIT-SERVICES") {
 			t.Errorf("knit's iptables-legacy rules (%s) left after switching to nftables:\n%s", f, save)
 		}
 	}
 	if save := iptSaveText(t, legacy, v4); !strings.Contains(save, "-A POSTROUTING -s 192.0.2.0/24 -j RETURN") {
 		t.Errorf("a rule that is not knit's was removed:\n%s", save)
+	}
+	if save := iptSaveText(t, legacy, v4); !strings.Contains(save, "-A KNIT-FORWARD -s 10.42.0.0/16 -j ACCEPT") ||
+		!strings.Contains(save, "-j KNIT-FORWARD") {
+		t.Errorf("the overlay's KNIT-FORWARD chain was removed with the proxy's rules:\n%s", save)
 	}
 	if err := exec.Command("nft", "list", "table", "inet", tableName).Run(); err != nil {
 		t.Fatal("nftables table missing")

@@ -338,6 +338,24 @@ func TestIPTablesNoIPv6(t *testing.T) {
 	}
 }
 
+// TestHoldsProxyChains: the overlay's KNIT-FORWARD chain is not one of
+// the proxy's leftovers.
+func TestHoldsProxyChains(t *testing.T) {
+	for _, tc := range []struct {
+		save string
+		want bool
+	}{
+		{"*filter\n:FORWARD DROP [0:0]\nCOMMIT\n", false},
+		{"*filter\n:KNIT-FORWARD - [0:0]\n-A FORWARD -j KNIT-FORWARD\nCOMMIT\n", false},
+		{"*nat\n:KNIT-SERVICES - [0:0]\nCOMMIT\n", true},
+		{"*filter\n:KNIT-FORWARD - [0:0]\n:KNIT-PROXY-FIREWALL - [0:0]\nCOMMIT\n", true},
+	} {
+		if got := holdsProxyChains([]byte(tc.save)); got != tc.want {
+			t.Errorf("holdsProxyChains(%q) = %v, want %v", tc.save, got, tc.want)
+		}
+	}
+}
+
 // TestIPTablesMismatchReported: the proxier's warnings (shown on /readyz)
 // and metric carry the mismatch.
 func TestIPTablesMismatchReported(t *testing.T) {

@@ -111,6 +111,11 @@ type Overlay struct {
 	PeersKnown  int      `json:"peersKnown"`
 	Peers       []Peer   `json:"peers,omitempty"`
 	Waiting     string   `json:"waiting,omitempty"`
+	// ForwardBlocked lists native nftables forward base chains with
+	// policy drop ("inet filter forward"): they may drop pod traffic
+	// between nodes, and knit's iptables FORWARD accept rules cannot
+	// override them.
+	ForwardBlocked []string `json:"forwardBlocked,omitempty"`
 }
 
 // Device is one VXLAN device.
