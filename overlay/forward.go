@@ -174,7 +174,7 @@ func fwdRestoreData(rules []string) []byte {
 // the rules are off, removes them. It reports whether it changed anything.
 func (fw *forward) sync(ctx context.Context, cfg *Config, full bool, changed func(op string)) (bool, error) {
 	if !cfg.ForwardRules {
-		return fw.remove(ctx, full, changed)
+		return fw.remove(ctx, changed)
 	}
 	fw.removed = false
 	if !fw.detected {
@@ -278,8 +278,11 @@ func (fw *forward) ensure(ctx context.Context, t *fwdTarget, rules []string, ful
 
 // remove deletes the jump and the chain from every installed variant that
 // holds them (the rules were turned off).
-func (fw *forward) remove(ctx context.Context, full bool, changed func(op string)) (bool, error) {
-	if fw.removed && !full {
+//
+// It looks once per run (and again after a failure): the flag only changes
+// with a restart, and the look costs an iptables-save of every variant.
+func (fw *forward) remove(ctx context.Context, changed func(op string)) (bool, error) {
+	if fw.removed {
 		return false, nil
 	}
 	var errs []error
@@ -406,7 +409,7 @@ type nftDrop struct{ Family, Table, Chain string }
 
 func (d nftDrop) String() string { return d.Family + " " + d.Table + " " + d.Chain }
 
-// nftForwardDrops parses `nft -j list chains`. The FORWARD chains of the
+// nftForwardDrops parses the chains of an `nft -j` listing. The FORWARD chains of the
 // tables ip/ip6 filter are iptables-nft's (the accept rules above cover
 // them); knit's own tables never drop.
 func nftForwardDrops(js []byte) ([]nftDrop, error) {
@@ -435,10 +438,48 @@ func nftForwardDrops(js []byte) ([]nftDrop, error) {
 	return out, nil
 }
 
+// listNFTChains returns the chains of the node's nftables tables as one
+// `nft -j` document. Tables are listed one by one so that knit's own (the
+// proxy's holds a chain per Service) and iptables-nft's nat tables (huge
+// under an iptables proxy, and without a forward hook) are never dumped.
 func listNFTChains(ctx context.Context) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return exec.CommandContext(ctx, "nft", "-j", "list", "chains").Output()
+	out, err := exec.CommandContext(ctx, "nft", "-j", "list", "tables").Output()
+	if err != nil {
+		return nil, err
+	}
+	var tables struct {
+		Nftables []struct {
+			Table *struct{ Family, Name string } `json:"table"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal(out, &tables); err != nil {
+		return nil, fmt.Errorf("nft -j list tables: %w", err)
+	}
+	var chains []json.RawMessage
+	for _, e := range tables.Nftables {
+		t := e.Table
+		if t == nil || strings.HasPrefix(t.Name, "knit-") || ((t.Family == "ip" || t.Family == "ip6") && t.Name == "nat") {
+			continue
+		}
+		out, err := exec.CommandContext(ctx, "nft", "-j", "-t", "list", "table", t.Family, t.Name).Output()
+		if err != nil {
+			continue // deleted meanwhile
+		}
+		var doc struct {
+			Nftables []map[string]json.RawMessage `json:"nftables"`
+		}
+		if json.Unmarshal(out, &doc) != nil {
+			continue
+		}
+		for _, o := range doc.Nftables {
+			if c, ok := o["chain"]; ok {
+				chains = append(chains, json.RawMessage(`{"chain":`+string(c)+`}`))
+			}
+		}
+	}
+	return json.Marshal(map[string][]json.RawMessage{"nftables": chains})
 }
 
 // checkNFT looks for native nftables forward chains with policy drop and
