@@ -262,6 +262,9 @@ func componentFacts(d *status.Node, name string) string {
 			if o.Waiting != "" {
 				s += ", waiting for " + o.Waiting
 			}
+			if len(o.ForwardBlocked) > 0 {
+				s += ", nftables forward chain(s) with policy drop: " + strings.Join(o.ForwardBlocked, ", ") + " (may drop pod traffic; knit cannot override them)"
+			}
 			return s
 		}
 	case "proxy":

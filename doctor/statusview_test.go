@@ -57,6 +57,17 @@ func TestStatusView(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "native nftables forward drop on a node",
+			mod: func(w *world) {
+				w.agents.statuses["node2"].Overlay.ForwardBlocked = []string{"inet filter forward"}
+			},
+			check: func(t *testing.T, v *ClusterView, table string) {
+				if !strings.Contains(table, "nftables forward chain(s) with policy drop: inet filter forward") {
+					t.Errorf("table lacks the forward drop:\n%s", table)
+				}
+			},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
