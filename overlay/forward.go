@@ -43,8 +43,9 @@ import (
 //	  -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT replies
 //
 // in each iptables variant in use (xtables.InUse: the one the node uses,
-// and the other one too if it holds rules or a DROP policy: both see every
-// packet), for each IP family the cluster has.
+// and the other one too if it holds rules or a DROP policy, as both see
+// every packet, or KNIT-FORWARD of an earlier run, which is kept current
+// rather than left stale), for each IP family the cluster has.
 //
 // Level-triggered like the rest of the overlay. The chain is written with
 // one iptables-restore --noflush batch (declaring the chain flushes it, and
@@ -195,8 +196,8 @@ func (fw *forward) sync(ctx context.Context, cfg *Config, full bool, changed fun
 			if fw.variants[v] || !fw.sys.Installed(v) {
 				continue
 			}
-			if u := fw.sys.Usage(ctx, v); u.Rules > 0 || u.ForwardDrop {
-				fw.addVariant(xtables.Detection{Variant: v, Why: "it now holds rules or a FORWARD policy of DROP"}, cfg)
+			if u := fw.sys.Usage(ctx, v); u.NeedsForward() {
+				fw.addVariant(xtables.Detection{Variant: v, Why: "it now holds rules, a FORWARD policy of DROP or knit's chain"}, cfg)
 			}
 		}
 	}

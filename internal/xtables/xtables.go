@@ -72,7 +72,14 @@ type Usage struct {
 	// ForwardDrop: the filter FORWARD chain's policy is DROP (in either
 	// family).
 	ForwardDrop bool
+	// Own: the overlay's ForwardChain is there (an earlier run put it
+	// there; it is kept up to date rather than left stale).
+	Own bool
 }
+
+// NeedsForward reports whether the overlay's FORWARD rules belong in a
+// variant that is not the one the node uses.
+func (u Usage) NeedsForward() bool { return u.Rules > 0 || u.ForwardDrop || u.Own }
 
 // Detection is what Detect found and chose.
 type Detection struct {
@@ -172,6 +179,8 @@ func (u *Usage) add(save []byte) {
 			u.Hint = true
 		case table == "filter" && strings.HasPrefix(l, ":FORWARD DROP"):
 			u.ForwardDrop = true
+		case table == "filter" && strings.HasPrefix(l, ":"+ForwardChain+" "):
+			u.Own = true
 		}
 	}
 }
@@ -247,8 +256,9 @@ func (s System) Detect(ctx context.Context, want string) (*Detection, error) {
 
 // InUse lists the variants whose FORWARD chain must let pod traffic
 // through: the one Detect chooses, and any other installed one that holds
-// rules or a FORWARD policy of DROP (both variants' chains see every
-// packet, so a DROP in either one drops it). Each comes with the tools to
+// rules, a FORWARD policy of DROP (both variants' chains see every packet,
+// so a DROP in either one drops it) or the overlay's chain from an earlier
+// run. Each comes with the tools to
 // program it. Nil when no iptables is installed.
 func (s System) InUse(ctx context.Context) ([]Detection, error) {
 	d, err := s.Detect(ctx, "")
@@ -263,8 +273,8 @@ func (s System) InUse(ctx context.Context) ([]Detection, error) {
 		if v == d.Variant || !s.Installed(v) {
 			continue
 		}
-		if u := s.Usage(ctx, v); u.Rules > 0 || u.ForwardDrop {
-			out = append(out, Detection{Variant: v, Rules: d.Rules, Why: "it holds rules or a FORWARD policy of DROP too"})
+		if u := s.Usage(ctx, v); u.NeedsForward() {
+			out = append(out, Detection{Variant: v, Rules: d.Rules, Why: "it holds rules, a FORWARD policy of DROP or knit's chain too"})
 		}
 	}
 	return out, nil
