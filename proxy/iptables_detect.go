@@ -188,3 +188,23 @@ func holdsProxyChains(save []byte) bool {
 	}
 	return false
 }
+
+// HoldsIPTablesRules reports whether an iptables-save output (one variant,
+// one family) holds the iptables backend's chains; for `knit uninstall`.
+func HoldsIPTablesRules(save []byte) bool { return holdsProxyChains(save) }
+
+// RemoveIPTablesRules deletes the iptables backend's jumps and KNIT-
+// chains from one variant's tables of one family (the overlay's
+// KNIT-FORWARD stays: uninstall removes it on its own); for `knit
+// uninstall`. An agent never calls it on shutdown.
+func RemoveIPTablesRules(ctx context.Context, tools xtables.Tools, ipv6 bool) error {
+	f := v4
+	if ipv6 {
+		f = v6
+	}
+	x, err := newIPTExec(f, tools)
+	if err != nil {
+		return err
+	}
+	return x.removeAll(ctx)
+}

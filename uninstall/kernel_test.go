@@ -208,6 +208,23 @@ add table ip6 user6
 			t.Fatalf("iptables-%s-restore: %v: %s", v, err, out)
 		}
 		iptWant = append(iptWant, "iptables-"+v+" chain filter KNIT-FORWARD and its jump from FORWARD")
+		if v != "legacy" {
+			continue
+		}
+		// The service proxy's iptables backend (one variant is enough:
+		// the removal is the proxy's own, tested there on both), next to
+		// a user's NAT chain.
+		cmd = exec.Command("ip", "netns", "exec", n.name, "iptables-legacy-restore", "--noflush")
+		cmd.Stdin = strings.NewReader("*nat\n:KNIT-SERVICES - [0:0]\n:KNIT-POSTROUTING - [0:0]\n:KNIT-SVC-ABC - [0:0]\n:USER-NAT - [0:0]\n" +
+			"-A PREROUTING -j USER-NAT\n" +
+			"-A PREROUTING -m comment --comment \"knit service portals\" -j KNIT-SERVICES\n" +
+			"-A OUTPUT -m comment --comment \"knit service portals\" -j KNIT-SERVICES\n" +
+			"-A POSTROUTING -m comment --comment \"knit postrouting rules\" -j KNIT-POSTROUTING\n" +
+			"-A KNIT-SERVICES -d 10.43.0.5/32 -p tcp --dport 80 -j KNIT-SVC-ABC\nCOMMIT\n")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("iptables-legacy-restore (nat): %v: %s", err, out)
+		}
+		iptWant = append(iptWant, "iptables-legacy: the service proxy's KNIT- chains and their jumps")
 	}
 
 	var steps []Step
@@ -289,8 +306,8 @@ add table ip6 user6
 		}
 	}
 	for _, w := range iptWant {
-		save := n.in(strings.Fields(w)[0] + "-save")
-		if strings.Contains(save, "KNIT-FORWARD") || !strings.Contains(save, "-A FORWARD -j USER-FWD") || !strings.Contains(save, ":USER-FWD") {
+		save := n.in(strings.TrimSuffix(strings.Fields(w)[0], ":") + "-save")
+		if strings.Contains(save, "KNIT-") || (strings.Contains(w, "proxy") && !strings.Contains(save, "-A PREROUTING -j USER-NAT")) || !strings.Contains(save, "-A FORWARD -j USER-FWD") || !strings.Contains(save, ":USER-FWD") {
 			t.Errorf("after uninstall, %s:\n%s", strings.Fields(w)[0], save)
 		}
 	}

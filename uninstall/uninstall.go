@@ -10,6 +10,9 @@
 //	iptables chain filter KNIT-FORWARD and   its name and the jump's comment
 //	  its jump from FORWARD, in each         (overlay's FORWARD accept rules)
 //	  installed variant and family
+//	iptables chains KNIT-* (but              their names and the jumps'
+//	  KNIT-FORWARD) in mangle, filter and    comments (the service proxy's
+//	  nat, with their jumps                  iptables backend: proxy)
 //	routes in the main table with proto 75   the overlay tags every route it
 //	                                         installs with protocol 75
 //	links knit-vx4, knit-vx6 (vxlan)         name and type (overlay)
