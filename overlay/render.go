@@ -30,7 +30,7 @@ type rendered struct {
 
 // candidate is one peer podCIDR that passed the per-peer checks.
 type candidate struct {
-	peer    int // index into peers; -1 for this node's own podCIDR
+	peer    int // index into peers
 	prefix  netip.Prefix
 	overlap bool
 }
@@ -86,15 +86,19 @@ func render(cfg *Config, loc localNode, nodes []*corev1.Node) rendered {
 	}
 
 	// Phase 2: per pod family, keep the podCIDRs that are inside the cluster
-	// CIDRs and overlap nothing. Overlapping podCIDRs are all dropped, not
-	// first-come-first-served: which of two conflicting peers is right is
-	// unknowable here, and a route to the wrong one is worse than none.
+	// CIDRs and overlap nothing. A podCIDR overlapping this node's own is
+	// wrong (this node's is its own Node's) and goes first, so that it
+	// cannot take good peers down with it. PodCIDRs overlapping each other
+	// are then all dropped, not first-come-first-served: which of two
+	// conflicting peers is right is unknowable here, and a route to the
+	// wrong one is worse than none.
 	var accepted [2][]candidate
 	for _, f := range families {
-		if !loc.PodCIDRs[f].IsValid() {
+		own := loc.PodCIDRs[f]
+		if !own.IsValid() {
 			continue // this node is not in family f: nothing to route
 		}
-		cands := []candidate{{peer: -1, prefix: loc.PodCIDRs[f]}}
+		var cands []candidate
 		for i, p := range peers {
 			pc := p.PodCIDRs[f]
 			switch {
@@ -104,6 +108,9 @@ func render(cfg *Config, loc localNode, nodes []*corev1.Node) rendered {
 			case !inClusterCIDRs(cfg.ClusterCIDRs, pc):
 				out.Skips = append(out.Skips, skip{Peer: p.Name, Family: f,
 					Err: skipf(reasonOutsideClusterCIDR, "podCIDR %s is outside the cluster CIDRs %v", pc, cfg.ClusterCIDRs)})
+			case pc.Overlaps(own):
+				out.Skips = append(out.Skips, skip{Peer: p.Name, Family: f,
+					Err: skipf(reasonOverlapping, "podCIDR %s overlaps this node's %s", pc, own)})
 			default:
 				cands = append(cands, candidate{peer: i, prefix: pc})
 			}
@@ -111,10 +118,9 @@ func render(cfg *Config, loc localNode, nodes []*corev1.Node) rendered {
 		markOverlaps(cands)
 		for _, c := range cands {
 			switch {
-			case c.peer < 0:
 			case c.overlap:
 				out.Skips = append(out.Skips, skip{Peer: peers[c.peer].Name, Family: f,
-					Err: skipf(reasonOverlapping, "podCIDR %s overlaps this node's (%s) or another peer's", c.prefix, loc.PodCIDRs[f])})
+					Err: skipf(reasonOverlapping, "podCIDR %s overlaps another peer's", c.prefix)})
 			default:
 				accepted[f] = append(accepted[f], c)
 			}

@@ -221,14 +221,32 @@ func TestRender(t *testing.T) {
 			"skip no-cidr all no-podcidr",
 			"skip v6-in-v4-key all wrong-family",
 			"skip default-route IPv4 outside-cluster-cidr",
-			"skip outside IPv4 outside-cluster-cidr",
 			"skip ours IPv4 overlapping-podcidr",
+			"skip outside IPv4 outside-cluster-cidr",
 			"skip overlap-a IPv4 overlapping-podcidr",
 			"skip overlap-b IPv4 overlapping-podcidr",
 			"skip no-annotations IPv4 missing-annotation",
 			"skip no-mac IPv4 missing-annotation",
 			"skip same-mac IPv4 duplicate-vtep-mac",
 			"programmed [good=vxlan] peers 16 podMTU 1450"),
+	}, {
+		// A podCIDR over this node's own is wrong for sure: only it goes,
+		// the peers it also overlaps keep their routes.
+		name:     "a podCIDR containing this node's takes no other peer down",
+		backend:  BackendVXLAN,
+		podCIDRs: v4Only,
+		underlay: [2]underlay{ul4},
+		nodes: []*corev1.Node{
+			knitNode("n2", 2, []string{"10.42.2.0/24"}, []string{"198.18.0.2"}),
+			knitNode("big", 5, []string{"10.42.0.0/20"}, []string{"198.18.0.5"}),
+		},
+		want: lines(
+			"device knit-vx4 local 198.18.0.1 link 2 mtu 1450 addrs [10.42.1.0/32]",
+			"route 10.42.2.0/24 via 10.42.2.0 dev knit-vx4",
+			"neigh knit-vx4 10.42.2.0 "+mac2,
+			"fdb knit-vx4 "+mac2+" 198.18.0.2",
+			"skip big IPv4 overlapping-podcidr",
+			"programmed [n2=vxlan] peers 2 podMTU 1450"),
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
