@@ -3,6 +3,7 @@ package overlay
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
@@ -42,6 +43,12 @@ func startHarness(t *testing.T, cfg Config, nodes ...*corev1.Node) *harness {
 // the fake API client before anything starts.
 func startHarnessWith(t *testing.T, cfg Config, k *fakeKernel, nft *knftables.Fake, setup func(*fake.Clientset), nodes ...*corev1.Node) *harness {
 	t.Helper()
+	return startHarnessLog(t, cfg, k, nft, setup, quietLog(), nodes...)
+}
+
+// startHarnessLog is startHarnessWith with the Overlay logging to log.
+func startHarnessLog(t *testing.T, cfg Config, k *fakeKernel, nft *knftables.Fake, setup func(*fake.Clientset), log *slog.Logger, nodes ...*corev1.Node) *harness {
+	t.Helper()
 	h := &harness{t: t, k: k, nft: nft, reg: prometheus.NewRegistry()}
 	h.client = fake.NewClientset()
 	if setup != nil {
@@ -53,7 +60,7 @@ func startHarnessWith(t *testing.T, cfg Config, k *fakeKernel, nft *knftables.Fa
 		}
 	}
 	factory := informers.NewSharedInformerFactory(h.client, 0)
-	o, err := New(cfg, Sources{Nodes: factory.Core().V1().Nodes(), Client: h.client}, h.reg, quietLog())
+	o, err := New(cfg, Sources{Nodes: factory.Core().V1().Nodes(), Client: h.client}, h.reg, log)
 	if err != nil {
 		t.Fatal(err)
 	}
