@@ -108,7 +108,7 @@ func BenchmarkFullSync(b *testing.B) {
 }
 
 func BenchmarkPartialSyncOneNewService(b *testing.B) {
-	for _, kind := range []string{"fake", "nft"} {
+	for _, kind := range []string{"render", "fake", "nft"} {
 		b.Run(kind, func(b *testing.B) {
 			st := benchState(b)
 			nft, lister := benchNFT(b, kind)
