@@ -105,6 +105,8 @@ type serviceInfo struct {
 }
 
 // endpoint is one address:port of an EndpointSlice with its conditions.
+// The proxy holds one per endpoint and Service port (100,000 at 10,000
+// Services), so the rarely set hints are behind a pointer.
 type endpoint struct {
 	addr        netip.Addr
 	port        uint16
@@ -112,8 +114,26 @@ type endpoint struct {
 	ready       bool
 	serving     bool
 	terminating bool
-	zoneHints   []string // sorted
-	nodeHints   []string // sorted
+	hints       *endpointHints // nil: none
+}
+
+// endpointHints are an endpoint's topology hints, sorted.
+type endpointHints struct {
+	zones, nodes []string
+}
+
+func (e *endpoint) zoneHints() []string {
+	if e.hints == nil {
+		return nil
+	}
+	return e.hints.zones
+}
+
+func (e *endpoint) nodeHints() []string {
+	if e.hints == nil {
+		return nil
+	}
+	return e.hints.nodes
 }
 
 func (e *endpoint) hostPort() string { return netip.AddrPortFrom(e.addr, e.port).String() }
@@ -337,15 +357,16 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, bad invalidFunc
 			serving:     e.Conditions.Serving == nil || *e.Conditions.Serving,
 			terminating: e.Conditions.Terminating != nil && *e.Conditions.Terminating,
 		}
-		if h := e.Hints; h != nil {
+		if h := e.Hints; h != nil && len(h.ForZones)+len(h.ForNodes) > 0 {
+			ep.hints = &endpointHints{}
 			for _, z := range h.ForZones {
-				ep.zoneHints = append(ep.zoneHints, z.Name)
+				ep.hints.zones = append(ep.hints.zones, z.Name)
 			}
 			for _, n := range h.ForNodes {
-				ep.nodeHints = append(ep.nodeHints, n.Name)
+				ep.hints.nodes = append(ep.hints.nodes, n.Name)
 			}
-			slices.Sort(ep.zoneHints)
-			slices.Sort(ep.nodeHints)
+			slices.Sort(ep.hints.zones)
+			slices.Sort(ep.hints.nodes)
 		}
 		eps = append(eps, ep)
 	}

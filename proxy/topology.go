@@ -134,14 +134,14 @@ func topologyMode(eps []endpoint, topo topology) string {
 			continue
 		}
 		anyReady = true
-		if len(e.nodeHints) == 0 {
+		if len(e.nodeHints()) == 0 {
 			allNode = false
-		} else if slices.Contains(e.nodeHints, topo.node) {
+		} else if slices.Contains(e.nodeHints(), topo.node) {
 			forNode = true
 		}
-		if len(e.zoneHints) == 0 {
+		if len(e.zoneHints()) == 0 {
 			allZone = false
-		} else if topo.zone != "" && slices.Contains(e.zoneHints, topo.zone) {
+		} else if topo.zone != "" && slices.Contains(e.zoneHints(), topo.zone) {
 			forZone = true
 		}
 	}
@@ -159,9 +159,9 @@ func topologyMode(eps []endpoint, topo topology) string {
 func availableFor(e *endpoint, mode string, topo topology) bool {
 	switch mode {
 	case modeSameNode:
-		return slices.Contains(e.nodeHints, topo.node)
+		return slices.Contains(e.nodeHints(), topo.node)
 	case modeSameZone:
-		return slices.Contains(e.zoneHints, topo.zone)
+		return slices.Contains(e.zoneHints(), topo.zone)
 	}
 	return true
 }
