@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -44,7 +45,7 @@ func FuzzConvertAndRender(f *testing.F) {
 			}
 		}
 		for _, el := range rd.elements {
-			for _, k := range el.key {
+			for _, k := range strings.Split(el.key, keySep) {
 				if k == "" {
 					t.Fatalf("empty key in %+v", el)
 				}

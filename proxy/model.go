@@ -35,6 +35,14 @@ func (f family) String() string {
 	return "v6"
 }
 
+// index is 0 for IPv4 and 1 for IPv6.
+func (f family) index() int {
+	if f == v4 {
+		return 0
+	}
+	return 1
+}
+
 // ipX is the nft payload keyword for the family ("ip daddr", "ip6 daddr").
 func (f family) ipX() string {
 	if f == v4 {

@@ -51,14 +51,14 @@ type nftBackend struct {
 	lister knftables.Interface
 	log    *slog.Logger
 
-	// applied state, valid while !dirty.
+	// applied state.
 	renders map[types.NamespacedName]*svcRender
 	// applied: element id -> the element in the kernel and the Service
 	// whose claim it is. conflicts: for the rare id that more than one
 	// Service claims (the same externalIP, say), every claim; the first
 	// claimant in name order owns the element (see winner).
-	applied   map[string]owned
-	conflicts map[string][]claim
+	applied   map[elemID]owned
+	conflicts map[elemID][]owned
 	// stale: service chains flushed and waiting to be deleted.
 	stale map[string]time.Time
 	// pickUsers counts the Service ports using each shared pick chain; a
@@ -77,16 +77,20 @@ type nftBackend struct {
 	staticElems     []element
 }
 
-type claim struct {
-	svc types.NamespacedName
-	el  element
+// owned is an element and the render of the Service that claims it (nil
+// for the table's fixed elements). It points into the render, which never
+// changes once made: the backend holds each element once.
+type owned struct {
+	el *element
+	rd *svcRender
 }
 
-// owned is an element in the kernel and the Service it belongs to (zero
-// for the table's fixed elements).
-type owned struct {
-	el  element
-	svc types.NamespacedName
+// svc is the claiming Service's name; zero for a fixed element.
+func (o owned) svc() types.NamespacedName {
+	if o.rd == nil {
+		return types.NamespacedName{}
+	}
+	return o.rd.name
 }
 
 func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
@@ -94,8 +98,8 @@ func newNFTBackend(nft knftables.Interface, log *slog.Logger) *nftBackend {
 		nft:             nft,
 		log:             log,
 		renders:         map[types.NamespacedName]*svcRender{},
-		applied:         map[string]owned{},
-		conflicts:       map[string][]claim{},
+		applied:         map[elemID]owned{},
+		conflicts:       map[elemID][]owned{},
 		stale:           map[string]time.Time{},
 		pickUsers:       map[string]int{},
 		counts:          map[string]int{},
@@ -181,26 +185,27 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		renders[name] = rd
 		n += len(rd.elements)
 	}
-	applied := make(map[string]owned, n+16)
-	conflicts := map[string][]claim{}
-	ids := make([]string, 0, n)
+	applied := make(map[elemID]owned, n+16)
+	conflicts := map[elemID][]owned{}
+	ids := make([]elemID, 0, n)
 	for _, name := range names {
-		for _, el := range renders[name].elements {
-			id := el.id()
+		rd := renders[name]
+		for i := range rd.elements {
+			o := owned{el: &rd.elements[i], rd: rd}
+			id := o.el.id()
 			if prev, ok := applied[id]; ok {
 				if conflicts[id] == nil {
-					conflicts[id] = []claim{{svc: prev.svc, el: prev.el}}
+					conflicts[id] = []owned{prev}
 				}
-				conflicts[id] = append(conflicts[id], claim{svc: name, el: el})
+				conflicts[id] = append(conflicts[id], o)
 				continue
 			}
-			applied[id] = owned{el: el, svc: name}
+			applied[id] = o
 			ids = append(ids, id)
 		}
 	}
 	for id, cl := range conflicts {
-		w := b.winner(id, cl)
-		applied[id] = owned{el: w.el, svc: w.svc}
+		applied[id] = b.winner(id, cl)
 	}
 	picks := map[string]chain{}
 	pickUsers := map[string]int{}
@@ -322,11 +327,12 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 			addRules(tx, c)
 		}
 	}
-	for _, el := range staticElems {
+	for i := range staticElems {
+		el := &staticElems[i]
 		tx.Add(el.object())
 		applied[el.id()] = owned{el: el}
 	}
-	slices.Sort(ids) // a stable transaction, for tests and for reading
+	slices.SortFunc(ids, compareIDs) // a stable transaction, for tests and for reading
 	for _, id := range ids {
 		o := applied[id]
 		tx.Add(o.el.object())
@@ -368,7 +374,7 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, changed map[types.NamespacedName]bool, now time.Time) (syncResult, error) {
 	tx := b.nft.NewTransaction()
 	newRenders := make(map[types.NamespacedName]*svcRender, len(changed))
-	touched := map[string]bool{}
+	touched := map[elemID]bool{}
 	var flushed, deletedSets []string
 	deletedMaps := map[string]bool{}
 	var rewrite []chain
@@ -484,31 +490,31 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 	}
 
 	// Elements: recompute the owner of every touched element.
-	newClaims := map[string][]claim{}
+	newClaims := map[elemID][]owned{}
 	for id := range touched {
-		var cl []claim
+		var cl []owned
 		if cs, ok := b.conflicts[id]; ok {
 			for _, c := range cs {
-				if !changed[c.svc] {
+				if !changed[c.svc()] {
 					cl = append(cl, c)
 				}
 			}
-		} else if cur, ok := b.applied[id]; ok && !changed[cur.svc] {
-			cl = []claim{{svc: cur.svc, el: cur.el}}
+		} else if cur, ok := b.applied[id]; ok && !changed[cur.svc()] {
+			cl = []owned{cur}
 		}
 		newClaims[id] = cl
 	}
-	for name, rd := range newRenders {
+	for _, rd := range newRenders {
 		if rd == nil {
 			continue
 		}
-		for _, el := range rd.elements {
-			id := el.id()
-			newClaims[id] = append(newClaims[id], claim{svc: name, el: el})
+		for i := range rd.elements {
+			el := &rd.elements[i]
+			newClaims[el.id()] = append(newClaims[el.id()], owned{el: el, rd: rd})
 		}
 	}
-	newApplied := map[string]*owned{} // nil: deleted
-	var adds []element
+	newApplied := map[elemID]*owned{} // nil: deleted
+	var adds []*element
 	for id, cl := range newClaims {
 		cur, inKernel := b.applied[id]
 		if len(cl) == 0 {
@@ -521,7 +527,7 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 			continue
 		}
 		w := b.winner(id, cl)
-		newApplied[id] = &owned{el: w.el, svc: w.svc}
+		newApplied[id] = &w
 		if inKernel && cur.el.value == w.el.value && cur.el.comment == w.el.comment {
 			continue // the owner may change; the kernel need not
 		}
@@ -530,7 +536,7 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 		}
 		adds = append(adds, w.el)
 	}
-	slices.SortFunc(adds, func(a, b element) int { return strings.Compare(a.id(), b.id()) })
+	slices.SortFunc(adds, func(a, b *element) int { return compareIDs(a.id(), b.id()) })
 	for _, el := range adds {
 		tx.Add(el.object())
 	}
@@ -594,10 +600,10 @@ func (b *nftBackend) partialSync(ctx context.Context, st *state, r *renderer, ch
 // winner picks the claimant that owns an element: the first Service in
 // name order. Two Services claiming one address and port is a user error
 // (for example the same externalIP); it is logged, not fatal.
-func (b *nftBackend) winner(id string, cl []claim) claim {
+func (b *nftBackend) winner(id elemID, cl []owned) owned {
 	w := cl[0]
 	for _, c := range cl[1:] {
-		if c.svc.String() < w.svc.String() {
+		if c.svc().String() < w.svc().String() {
 			w = c
 		}
 	}
@@ -605,7 +611,7 @@ func (b *nftBackend) winner(id string, cl []claim) claim {
 		for _, c := range cl {
 			if c.el.value != w.el.value {
 				b.log.Warn("Services claim the same address and port; the first by name wins",
-					"element", id, "winner", w.svc.String(), "other", c.svc.String())
+					"element", id.String(), "winner", w.svc().String(), "other", c.svc().String())
 				break
 			}
 		}

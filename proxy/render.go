@@ -5,6 +5,7 @@ import (
 	"encoding/base32"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -58,8 +59,29 @@ const (
 	commentShortCircuitPd = "short-circuit pod traffic"
 )
 
-// perFamily names a container of one family: "service-ips-v4".
-func perFamily(name string, f family) string { return name + "-" + f.String() }
+// perFamily names a container of one family: "service-ips-v4". The names
+// of the fixed containers are built once: every element holds its
+// container's name.
+func perFamily(name string, f family) string {
+	if n, ok := familyNames[name]; ok {
+		return n[f.index()]
+	}
+	return name + "-" + f.String()
+}
+
+// familyNames holds the per-family names of the fixed containers, and of
+// the shared endpoints maps ("endpoints-v4-tcp", by "endpoints-tcp").
+var familyNames = func() map[string][2]string {
+	m := map[string][2]string{}
+	for _, n := range []string{mapServiceIPs, mapServiceNodePorts, mapNoEPServices, mapNoEPNodePorts, mapFirewallIPs,
+		setClusterIPs, setNodePortIPs, setHairpin, setLocalServiceIPs, setClusterCIDRs, mapEndpoints} {
+		m[n] = [2]string{n + "-v4", n + "-v6"}
+	}
+	for _, p := range l4protos {
+		m[mapEndpoints+"-"+p] = [2]string{mapEndpoints + "-v4-" + p, mapEndpoints + "-v6-" + p}
+	}
+	return m
+}()
 
 // baseChains are hooked into netfilter; see the package doc for the flow.
 var baseChains = []struct {
@@ -89,18 +111,40 @@ var baseChains = []struct {
 		[]string{"jump " + chainMasquerading}},
 }
 
-// element is one set or map element a render asks for.
+// element is one set or map element a render asks for. The backend keeps
+// every element of every Service (100,000 and more at 10,000 Services), so
+// it is kept small: the key is one string, its parts joined as nft writes a
+// concatenation, and container names are shared (see perFamily).
 type element struct {
 	container string
-	key       []string
+	key       string // "10.43.0.1 . tcp . 80"
 	value     string // verdict for maps, "" for sets
 	comment   string
 }
 
-func (e *element) id() string { return e.container + " " + strings.Join(e.key, " . ") }
+// keySep joins the parts of a concatenated key; no part contains it.
+const keySep = " . "
+
+// joinKey joins the parts of a concatenated key.
+func joinKey(parts ...string) string { return strings.Join(parts, keySep) }
+
+// elemID identifies an element in the table: its container and key.
+type elemID struct{ container, key string }
+
+func (e *element) id() elemID { return elemID{e.container, e.key} }
+
+func (id elemID) String() string { return id.container + " " + id.key }
+
+// compareIDs orders elements by container, then key (as their String does).
+func compareIDs(a, b elemID) int {
+	if c := strings.Compare(a.container, b.container); c != 0 {
+		return c
+	}
+	return strings.Compare(a.key, b.key)
+}
 
 func (e *element) object() *knftables.Element {
-	o := &knftables.Element{Key: e.key}
+	o := &knftables.Element{Key: strings.Split(e.key, keySep)}
 	if e.value == "" {
 		o.Set = e.container
 	} else {
@@ -143,6 +187,7 @@ func (a *affinitySet) object() *knftables.Set {
 // svcRender is everything one Service contributes to the table: its own
 // chains and affinity sets, and its elements in the shared maps and sets.
 type svcRender struct {
+	name     types.NamespacedName
 	chains   []chain
 	sets     []affinitySet
 	elements []element
@@ -199,7 +244,12 @@ func (p pickChain) chain() chain {
 // endpointsMap names the shared endpoints map of a family and protocol:
 // "endpoints-v4-tcp". One per protocol because nft (1.0.6) refuses a rule
 // whose protocol differs from the one in the typeof of a map's data.
-func endpointsMap(f family, proto string) string { return perFamily(mapEndpoints, f) + "-" + proto }
+func endpointsMap(f family, proto string) string {
+	if n, ok := familyNames[mapEndpoints+"-"+proto]; ok {
+		return n[f.index()]
+	}
+	return perFamily(mapEndpoints, f) + "-" + proto
+}
 
 // l4protos are the protocols a Service port may have, as nft names them.
 var l4protos = []string{"tcp", "udp", "sctp"}
@@ -253,7 +303,7 @@ func isServiceObject(name string) bool { return strings.Contains(name, "/") }
 // renderService renders all ports of one Service. The logic follows
 // kube-proxy's nftables proxier; see the package doc for the chains.
 func (r *renderer) renderService(name types.NamespacedName, info *serviceInfo, eps map[epKey][]endpoint) *svcRender {
-	out := &svcRender{}
+	out := &svcRender{name: name}
 	for i := range info.ports {
 		sp := &info.ports[i]
 		if sp.nodeLocal {
@@ -262,6 +312,11 @@ func (r *renderer) renderService(name types.NamespacedName, info *serviceInfo, e
 			continue
 		}
 		r.renderPort(out, name, sp, eps[epKey{portKey: sp.portKey, family: sp.family}])
+	}
+	// The backend keeps the elements as long as the Service is unchanged:
+	// without append's spare capacity.
+	if cap(out.elements) > len(out.elements) {
+		out.elements = slices.Clone(out.elements)
 	}
 	return out
 }
@@ -288,7 +343,7 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 			a := e.addr.String()
 			out.elements = append(out.elements, element{
 				container: perFamily(setHairpin, f),
-				key:       []string{a, a, proto, strconv.Itoa(int(e.port))},
+				key:       joinKey(a, a, proto, strconv.Itoa(int(e.port))),
 			})
 		}
 	}
@@ -322,19 +377,20 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 	}
 
 	cip := sp.clusterIP.String()
-	out.elements = append(out.elements, element{container: perFamily(setClusterIPs, f), key: []string{cip}})
+	cipKey := joinKey(cip, proto, port)
+	out.elements = append(out.elements, element{container: perFamily(setClusterIPs, f), key: cip})
 	if hasInternal {
 		out.elements = append(out.elements, element{
-			container: perFamily(mapServiceIPs, f), key: []string{cip, proto, port}, value: "goto " + internalChain,
+			container: perFamily(mapServiceIPs, f), key: cipKey, value: "goto " + internalChain,
 		})
 	} else {
 		out.elements = append(out.elements, element{
-			container: perFamily(mapNoEPServices, f), key: []string{cip, proto, port}, value: intVerdict, comment: comment,
+			container: perFamily(mapNoEPServices, f), key: cipKey, value: intVerdict, comment: comment,
 		})
 	}
 	for _, list := range [][]netip.Addr{sp.externalIPs, sp.lbIPs} {
 		for _, a := range list {
-			k := []string{a.String(), proto, port}
+			k := joinKey(a.String(), proto, port)
 			if usesExternal {
 				out.elements = append(out.elements, element{
 					container: perFamily(mapServiceIPs, f), key: k, value: "goto " + externalChain,
@@ -348,7 +404,7 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 		}
 	}
 	if sp.nodePort != 0 {
-		k := []string{proto, strconv.Itoa(int(sp.nodePort))}
+		k := joinKey(proto, strconv.Itoa(int(sp.nodePort)))
 		if usesExternal {
 			out.elements = append(out.elements, element{
 				container: perFamily(mapServiceNodePorts, f), key: k, value: "goto " + externalChain,
@@ -383,7 +439,7 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 		out.chains = append(out.chains, chain{name: fw, rules: []rule{{text: ipX + " saddr != { " + strings.Join(allowed, ", ") + " } drop"}}})
 		for _, a := range sp.lbIPs {
 			out.elements = append(out.elements, element{
-				container: perFamily(mapFirewallIPs, f), key: []string{a.String(), proto, port}, value: "goto " + fw,
+				container: perFamily(mapFirewallIPs, f), key: joinKey(a.String(), proto, port), value: "goto " + fw,
 			})
 		}
 	}
@@ -454,12 +510,13 @@ func (r *renderer) renderPort(out *svcRender, svc types.NamespacedName, sp *serv
 func (r *renderer) pick(out *svcRender, sp *servicePort, eps []endpoint) string {
 	pc := pickChain{family: sp.family, proto: sp.proto, n: len(eps)}
 	out.picks = append(out.picks, pc)
-	cip, port := sp.clusterIP.String(), strconv.Itoa(int(sp.port))
+	cipPort := sp.clusterIP.String() + keySep + strconv.Itoa(int(sp.port)) + keySep
+	m := endpointsMap(sp.family, sp.proto)
 	for i := range eps {
 		out.elements = append(out.elements, element{
-			container: endpointsMap(sp.family, sp.proto),
-			key:       []string{cip, port, strconv.Itoa(i)},
-			value:     eps[i].addr.String() + " . " + strconv.Itoa(int(eps[i].port)),
+			container: m,
+			key:       cipPort + strconv.Itoa(i),
+			value:     eps[i].addr.String() + keySep + strconv.Itoa(int(eps[i].port)),
 		})
 	}
 	return pc.name()
@@ -516,11 +573,11 @@ func (r *renderer) policyChain(out *svcRender, name, base string, sp *servicePor
 	out.maps = append(out.maps, m)
 	pick := fmt.Sprintf("numgen random mod %d", n)
 	for i := range eps {
-		el := element{container: m.name, key: []string{strconv.Itoa(i)}}
+		el := element{container: m.name, key: strconv.Itoa(i)}
 		if m.verdict {
 			el.value = target(i)
 		} else {
-			el.value = eps[i].addr.String() + " . " + strconv.Itoa(int(eps[i].port))
+			el.value = eps[i].addr.String() + keySep + strconv.Itoa(int(eps[i].port))
 		}
 		out.elements = append(out.elements, el)
 	}
@@ -612,7 +669,7 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 				comment: "masquerade ClusterIP traffic from outside the cluster",
 			})
 			for _, p := range strings.Split(cidrs, ", ") {
-				elems = append(elems, element{container: perFamily(setClusterCIDRs, f), key: []string{p}})
+				elems = append(elems, element{container: perFamily(setClusterCIDRs, f), key: p})
 			}
 		}
 		services.rules = append(services.rules, rule{
@@ -633,7 +690,7 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 				text: ipX + " daddr @" + perFamily(setNodePortIPs, f) + " meta l4proto . th dport vmap @" + perFamily(mapNoEPNodePorts, f),
 			})
 			for _, a := range c.nodePortIPs[f] {
-				elems = append(elems, element{container: perFamily(setNodePortIPs, f), key: []string{a.String()}})
+				elems = append(elems, element{container: perFamily(setNodePortIPs, f), key: a.String()})
 			}
 		}
 		masquerading.rules = append(masquerading.rules, rule{
@@ -655,7 +712,7 @@ func staticChains(c *staticConfig) ([]chain, []element) {
 			})
 		}
 		for _, a := range c.localServiceIPs[f] {
-			elems = append(elems, element{container: perFamily(setLocalServiceIPs, f), key: []string{a.String()}})
+			elems = append(elems, element{container: perFamily(setLocalServiceIPs, f), key: a.String()})
 		}
 	}
 	return []chain{services, masquerading, svcCheck, npCheck, cipCheck, fwCheck, reject}, elems
