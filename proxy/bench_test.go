@@ -31,7 +31,7 @@ const (
 func benchState(tb testing.TB) *state {
 	st := &state{
 		services:  map[types.NamespacedName]*serviceInfo{},
-		endpoints: map[types.NamespacedName]map[epKey][]endpoint{},
+		endpoints: map[types.NamespacedName]portEndpoints{},
 		topo:      topology{node: thisNode, zone: "zone-a"},
 	}
 	p := &Proxier{cfg: testConfig()}

@@ -78,7 +78,7 @@ func staleUDPFilters(st *state, before map[types.NamespacedName]*serviceInfo, ch
 		}
 		return out[f]
 	}
-	add := func(info *serviceInfo, eps map[epKey][]endpoint, current bool) {
+	add := func(info *serviceInfo, eps portEndpoints, current bool) {
 		for i := range info.ports {
 			sp := &info.ports[i]
 			if sp.proto != "udp" || sp.nodeLocal {
@@ -86,7 +86,7 @@ func staleUDPFilters(st *state, before map[types.NamespacedName]*serviceInfo, ch
 			}
 			serving := map[netip.AddrPort]bool{}
 			if current {
-				for _, e := range eps[epKey{portKey: sp.portKey, family: sp.family}] {
+				for _, e := range eps.get(epKey{portKey: sp.portKey, family: sp.family}) {
 					// Any serving endpoint is fine: changes of policy or
 					// topology must not break existing flows, as for TCP.
 					if e.serving {

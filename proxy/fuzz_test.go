@@ -33,7 +33,7 @@ func FuzzConvertAndRender(f *testing.F) {
 		if info == nil {
 			return
 		}
-		var eps map[epKey][]endpoint
+		var eps portEndpoints
 		if si != nil {
 			eps = mergeSlices(map[string]*sliceInfo{"s-1": si})
 		}

@@ -141,8 +141,8 @@ func healthChecks(st *state) map[uint16]hcWant {
 			continue
 		}
 		addrs := map[netip.Addr]bool{}
-		for _, eps := range st.endpoints[name] {
-			for _, e := range eps {
+		for _, pe := range st.endpoints[name] {
+			for _, e := range pe.eps {
 				if e.local && e.ready {
 					addrs[e.addr] = true
 				}

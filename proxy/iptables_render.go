@@ -188,7 +188,7 @@ func iptMatch(proto string, port uint16) string {
 
 // renderService renders the ports of one Service in family f; nil when the
 // Service has none there.
-func (r *iptRenderer) renderService(name types.NamespacedName, info *serviceInfo, eps map[epKey][]endpoint, f family) *iptRender {
+func (r *iptRenderer) renderService(name types.NamespacedName, info *serviceInfo, eps portEndpoints, f family) *iptRender {
 	var out *iptRender
 	var cips []netip.Addr
 	for i := range info.ports {
@@ -201,7 +201,7 @@ func (r *iptRenderer) renderService(name types.NamespacedName, info *serviceInfo
 		if out == nil {
 			out = &iptRender{}
 		}
-		r.renderPort(out, name, sp, eps[epKey{portKey: sp.portKey, family: f}])
+		r.renderPort(out, name, sp, eps.get(epKey{portKey: sp.portKey, family: f}))
 		if !slices.Contains(cips, sp.clusterIP) {
 			cips = append(cips, sp.clusterIP)
 		}

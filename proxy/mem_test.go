@@ -72,7 +72,7 @@ func measureMemory(b *testing.B, kind string) {
 	}
 	st := &state{
 		services:  map[types.NamespacedName]*serviceInfo{},
-		endpoints: map[types.NamespacedName]map[epKey][]endpoint{},
+		endpoints: map[types.NamespacedName]portEndpoints{},
 	}
 	svcs.checkout(st.services)
 	epts.checkout(st.endpoints)

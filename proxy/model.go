@@ -163,6 +163,36 @@ type epKey struct {
 	family family
 }
 
+// portEndpoints are a Service's endpoint lists, one per port and family,
+// sorted by key: most Services have one, which a map would hold in a
+// group of eight slots (about 600 bytes per Service).
+type portEndpoints []epList
+
+type epList struct {
+	key epKey
+	eps []endpoint // sorted by address and port, no duplicates
+}
+
+// get returns the list of k, nil if there is none.
+func (pe portEndpoints) get(k epKey) []endpoint {
+	for i := range pe {
+		if pe[i].key == k {
+			return pe[i].eps
+		}
+	}
+	return nil
+}
+
+func compareEPKeys(a, b epKey) int {
+	if c := strings.Compare(a.name, b.name); c != 0 {
+		return c
+	}
+	if c := strings.Compare(a.proto, b.proto); c != 0 {
+		return c
+	}
+	return int(a.family) - int(b.family)
+}
+
 // invalidFunc reports an object (or part of one) that rules cannot express.
 type invalidFunc func(kind string, obj types.NamespacedName, reason string)
 
@@ -378,6 +408,10 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, bad invalidFunc
 		}
 		eps = append(eps, ep)
 	}
+	// Sorted (stable: of an address listed twice, the later one wins in
+	// mergeSlices): a Service's only slice's lists are then its merged
+	// lists (see shareSlice).
+	slices.SortStableFunc(eps, func(a, b endpoint) int { return a.addr.Compare(b.addr) })
 	out := &sliceInfo{family: f}
 	for _, p := range s.Ports {
 		pname := ""

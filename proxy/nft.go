@@ -17,7 +17,7 @@ import (
 // it, backends only read it.
 type state struct {
 	services  map[types.NamespacedName]*serviceInfo
-	endpoints map[types.NamespacedName]map[epKey][]endpoint
+	endpoints map[types.NamespacedName]portEndpoints
 	topo      topology
 	static    *staticConfig
 }

@@ -266,7 +266,7 @@ func newProxier(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Lo
 		kick:       make(chan struct{}, 1),
 		st: state{
 			services:  map[types.NamespacedName]*serviceInfo{},
-			endpoints: map[types.NamespacedName]map[epKey][]endpoint{},
+			endpoints: map[types.NamespacedName]portEndpoints{},
 		},
 		backend:   newNFTBackend(d.nft, log),
 		ct:        d.ct,

@@ -348,7 +348,7 @@ func TestTrackersDropCancelledChanges(t *testing.T) {
 	if !et.update(name, "b-1", s1, time.Time{}) {
 		t.Fatal("new slice not recorded")
 	}
-	endpoints := map[types.NamespacedName]map[epKey][]endpoint{}
+	endpoints := map[types.NamespacedName]portEndpoints{}
 	et.checkout(endpoints)
 	if !et.update(name, "b-1", s2, time.Time{}) {
 		t.Fatal("slice change not recorded")

@@ -302,7 +302,7 @@ func isServiceObject(name string) bool { return strings.Contains(name, "/") }
 
 // renderService renders all ports of one Service. The logic follows
 // kube-proxy's nftables proxier; see the package doc for the chains.
-func (r *renderer) renderService(name types.NamespacedName, info *serviceInfo, eps map[epKey][]endpoint) *svcRender {
+func (r *renderer) renderService(name types.NamespacedName, info *serviceInfo, eps portEndpoints) *svcRender {
 	out := &svcRender{name: name}
 	for i := range info.ports {
 		sp := &info.ports[i]
@@ -311,7 +311,7 @@ func (r *renderer) renderService(name types.NamespacedName, info *serviceInfo, e
 			// node-local DNS): no DNAT, no reject, not in cluster-ips.
 			continue
 		}
-		r.renderPort(out, name, sp, eps[epKey{portKey: sp.portKey, family: sp.family}])
+		r.renderPort(out, name, sp, eps.get(epKey{portKey: sp.portKey, family: sp.family}))
 	}
 	// The backend keeps the elements as long as the Service is unchanged:
 	// without append's spare capacity.

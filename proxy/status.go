@@ -27,8 +27,8 @@ func (s *statusState) record(st *state, res syncResult, full bool, err error) {
 	}
 	eps := 0
 	for _, byPort := range st.endpoints {
-		for _, list := range byPort {
-			eps += len(list)
+		for _, pe := range byPort {
+			eps += len(pe.eps)
 		}
 	}
 	s.services.Store(int64(len(st.services)))

@@ -166,12 +166,20 @@ func availableFor(e *endpoint, mode string, topo topology) bool {
 	return true
 }
 
+// filter returns the endpoints that keep keeps: eps itself if it keeps all
+// (the common case, and lists are never changed once made), else a new list.
 func filter(eps []endpoint, keep func(*endpoint) bool) []endpoint {
-	var out []endpoint
 	for i := range eps {
 		if keep(&eps[i]) {
-			out = append(out, eps[i])
+			continue
 		}
+		out := slices.Clip(eps[:i])
+		for j := i + 1; j < len(eps); j++ {
+			if keep(&eps[j]) {
+				out = append(out, eps[j])
+			}
+		}
+		return out
 	}
-	return out
+	return eps
 }

@@ -81,7 +81,7 @@ type endpointTracker struct {
 
 type sliceSet struct {
 	applied map[string]*sliceInfo
-	pending map[string]*sliceInfo // nil value: slice deleted
+	pending map[string]*sliceInfo // nil value: slice deleted; nil map: none
 	dirty   bool
 }
 
@@ -99,7 +99,7 @@ func (t *endpointTracker) update(svc types.NamespacedName, slice string, info *s
 		if info == nil {
 			return false
 		}
-		ss = &sliceSet{applied: map[string]*sliceInfo{}, pending: map[string]*sliceInfo{}}
+		ss = &sliceSet{applied: map[string]*sliceInfo{}}
 		t.services[svc] = ss
 	}
 	applied, wasApplied := ss.applied[slice]
@@ -111,6 +111,9 @@ func (t *endpointTracker) update(svc types.NamespacedName, slice string, info *s
 		delete(ss.pending, slice)
 		ss.dirty = len(ss.pending) > 0
 		return false
+	}
+	if ss.pending == nil {
+		ss.pending = map[string]*sliceInfo{}
 	}
 	ss.pending[slice] = info
 	ss.dirty = true
@@ -132,7 +135,7 @@ func (t *endpointTracker) has(svc types.NamespacedName) bool {
 // checkout applies pending slices and writes the resulting endpoint lists of
 // every changed Service into endpoints. It returns the changed Services and
 // the trigger times collected since the last checkout.
-func (t *endpointTracker) checkout(endpoints map[types.NamespacedName]map[epKey][]endpoint) (map[types.NamespacedName]bool, []time.Time) {
+func (t *endpointTracker) checkout(endpoints map[types.NamespacedName]portEndpoints) (map[types.NamespacedName]bool, []time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	changed := map[types.NamespacedName]bool{}
@@ -147,7 +150,7 @@ func (t *endpointTracker) checkout(endpoints map[types.NamespacedName]map[epKey]
 				ss.applied[name] = info
 			}
 		}
-		clear(ss.pending)
+		ss.pending = nil // a cleared map would keep its size
 		ss.dirty = false
 		eps := mergeSlices(ss.applied)
 		if len(eps) == 0 {
@@ -169,7 +172,23 @@ func (t *endpointTracker) checkout(endpoints map[types.NamespacedName]map[epKey]
 // address seen in two slices (a Pod moving between slices, or an IP reused
 // while the old Pod terminates) is kept once, preferring the non-terminating
 // one. Lists are sorted so that renders are stable.
-func mergeSlices(applied map[string]*sliceInfo) map[epKey][]endpoint {
+//
+// A Service with one slice (most: a slice holds up to 100 endpoints) shares
+// the slice's lists, which convertSlice sorted: the proxy then holds each
+// endpoint once. Nothing changes a list once made.
+func mergeSlices(applied map[string]*sliceInfo) portEndpoints {
+	if len(applied) == 1 {
+		for _, s := range applied {
+			if out, ok := shareSlice(s); ok {
+				return out
+			}
+		}
+	}
+	return mergeAll(applied)
+}
+
+// mergeAll is mergeSlices for any slices: new lists.
+func mergeAll(applied map[string]*sliceInfo) portEndpoints {
 	byKey := map[epKey]map[string]endpoint{}
 	for _, s := range applied {
 		for _, p := range s.ports {
@@ -188,7 +207,7 @@ func mergeSlices(applied map[string]*sliceInfo) map[epKey][]endpoint {
 			}
 		}
 	}
-	out := make(map[epKey][]endpoint, len(byKey))
+	out := make(portEndpoints, 0, len(byKey))
 	for k, m := range byKey {
 		if len(m) == 0 {
 			continue
@@ -198,9 +217,34 @@ func mergeSlices(applied map[string]*sliceInfo) map[epKey][]endpoint {
 			list = append(list, e)
 		}
 		sortEndpoints(list)
-		out[k] = list
+		out = append(out, epList{key: k, eps: list})
 	}
+	slices.SortFunc(out, func(a, b epList) int { return compareEPKeys(a.key, b.key) })
 	return out
+}
+
+// shareSlice returns the endpoint lists of a Service's only slice as they
+// are, if they are what mergeSlices would build: sorted, no address twice,
+// no port twice.
+func shareSlice(s *sliceInfo) (portEndpoints, bool) {
+	out := make(portEndpoints, 0, len(s.ports))
+	for _, p := range s.ports {
+		for i := 1; i < len(p.endpoints); i++ {
+			if p.endpoints[i-1].addr.Compare(p.endpoints[i].addr) >= 0 {
+				return nil, false
+			}
+		}
+		if len(p.endpoints) == 0 {
+			continue
+		}
+		k := epKey{portKey: p.portKey, family: s.family}
+		if out.get(k) != nil {
+			return nil, false
+		}
+		out = append(out, epList{key: k, eps: p.endpoints})
+	}
+	slices.SortFunc(out, func(a, b epList) int { return compareEPKeys(a.key, b.key) })
+	return out, true
 }
 
 func sortEndpoints(list []endpoint) {
