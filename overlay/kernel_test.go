@@ -80,18 +80,20 @@ type labNode struct {
 }
 
 type lab struct {
-	t      *testing.T
+	t      testing.TB
 	client *fake.Clientset
 	nodes  map[string]*labNode
 	bridge map[string]bool
 	// syncPeriod is the agents' timer resync (default 1 s, so that
 	// level-triggered repairs show up quickly).
 	syncPeriod time.Duration
+	// configure, if set, adjusts each agent's Config before it starts.
+	configure func(*Config)
 }
 
 var labMu sync.Mutex // one topology at a time: names are fixed
 
-func newLab(t *testing.T) *lab {
+func newLab(t testing.TB) *lab {
 	t.Helper()
 	sandbox.Require(t)
 	labMu.Lock()
@@ -233,6 +235,9 @@ func (l *lab) start(nd *labNode, backend Backend) {
 	cfg.SyncPeriod = time.Second // level-triggered repairs show up quickly
 	if l.syncPeriod > 0 {
 		cfg.SyncPeriod = l.syncPeriod
+	}
+	if l.configure != nil {
+		l.configure(&cfg)
 	}
 	nd.reg = prometheus.NewRegistry()
 	factory := informers.NewSharedInformerFactory(l.client, 0)

@@ -289,6 +289,8 @@ func (o *Overlay) sync(ctx context.Context, r *reconciler, full bool) error {
 	if err := r.apply(&rd.desired); err != nil {
 		o.m.errors.WithLabelValues("kernel").Inc()
 		errs = append(errs, err)
+	} else {
+		o.reportProgrammed(rd)
 	}
 	if err := o.syncMasq(ctx, full); err != nil {
 		o.m.errors.WithLabelValues("nftables").Inc()
@@ -379,13 +381,6 @@ func (o *Overlay) localNode() (localNode, string) {
 // changed (once, not on every sync).
 func (o *Overlay) report(rd rendered) {
 	o.m.peersKnown.Set(float64(rd.Peers))
-	count := map[string]int{"vxlan": 0, "direct": 0, "mixed": 0}
-	for _, how := range rd.Programmed {
-		count[how]++
-	}
-	for how, n := range count {
-		o.m.peersProgrammed.WithLabelValues(how).Set(float64(n))
-	}
 	now := make(map[string]string, len(rd.Skips))
 	for _, s := range rd.Skips {
 		fam, key := "all", s.Peer+"/all"
@@ -404,6 +399,19 @@ func (o *Overlay) report(rd rendered) {
 		}
 	}
 	o.skips = now
+}
+
+// reportProgrammed sets the programmed-peers gauge once a sync has put
+// every rendered peer's entries in the kernel (after a failed apply it
+// keeps the last good count; the errors counter says why).
+func (o *Overlay) reportProgrammed(rd rendered) {
+	count := map[string]int{"vxlan": 0, "direct": 0, "mixed": 0}
+	for _, how := range rd.Programmed {
+		count[how]++
+	}
+	for how, n := range count {
+		o.m.peersProgrammed.WithLabelValues(how).Set(float64(n))
+	}
 }
 
 // publishLoop writes this node's annotations whenever they differ from what
