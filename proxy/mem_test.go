@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/debug"
+	rtmetrics "runtime/metrics"
 	"runtime/pprof"
 	"testing"
 	"time"
@@ -23,6 +25,11 @@ import (
 //	backend-MB   what the backend keeps after the full sync (renders,
 //	             applied elements)
 //	sync-alloc-MB  bytes allocated by the full sync (garbage and kept)
+//	first-sync-peak-MB, resync-peak-MB  the most heap (live or not yet
+//	             collected; above where the state began) during the first
+//	             full sync and a second one, sampled every millisecond with
+//	             the agent's GOGC (defaultGCPercent 25 in agent/memory.go):
+//	             what the process's RSS grows to
 //	partial-alloc-KB  bytes allocated by one partial sync of one Service
 //
 // The informer cache's objects are not included (they live in the shared
@@ -82,10 +89,15 @@ func measureMemory(b *testing.B, kind string) {
 	be := newNFTBackend(nft, slog.New(slog.DiscardHandler))
 	be.lister = lister
 	ctx := context.Background()
-	if _, err := be.sync(ctx, st, nil, true); err != nil {
-		b.Fatal(err)
+	fullSync := func() {
+		if _, err := be.sync(ctx, st, nil, true); err != nil {
+			b.Fatal(err)
+		}
 	}
+	peak1 := peakHeap(fullSync)
 	h2, t2 := heap()
+	peak2 := peakHeap(fullSync) // the periodic resync: a backend to replace
+	heap()
 	if path := os.Getenv("KNIT_PROXY_HEAPPROFILE"); path != "" {
 		// What is live now, by allocation site: go tool pprof -sample_index=inuse_space
 		if err := writeHeapProfile(path); err != nil {
@@ -108,6 +120,8 @@ func measureMemory(b *testing.B, kind string) {
 	b.ReportMetric(mb(h1-h0), "state-MB")
 	b.ReportMetric(mb(h2-h1), "backend-MB")
 	b.ReportMetric(mb(t2-t1), "sync-alloc-MB")
+	b.ReportMetric(mb(peak1-h0), "first-sync-peak-MB")
+	b.ReportMetric(mb(peak2-h0), "resync-peak-MB")
 	b.ReportMetric(float64(t4-t3)/1024, "partial-alloc-KB")
 	runtime.KeepAlive(svcs)
 	runtime.KeepAlive(epts)
@@ -130,4 +144,31 @@ func writeHeapProfile(path string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// peakHeap runs f with GOGC 25 and returns the most heap it saw in use
+// (objects, live or not yet collected), sampled every millisecond.
+func peakHeap(f func()) uint64 {
+	defer debug.SetGCPercent(debug.SetGCPercent(25))
+	runtime.GC()
+	stop, done := make(chan struct{}), make(chan uint64)
+	go func() {
+		sample := []rtmetrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+		var peak uint64
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for {
+			rtmetrics.Read(sample)
+			peak = max(peak, sample[0].Value.Uint64())
+			select {
+			case <-stop:
+				done <- peak
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	f()
+	close(stop)
+	return <-done
 }

@@ -51,7 +51,9 @@ type nftBackend struct {
 	lister knftables.Interface
 	log    *slog.Logger
 
-	// applied state.
+	// applied state, valid once a full sync succeeded (and since no full
+	// sync failed: a full sync drops the old state first).
+	valid   bool
 	renders map[types.NamespacedName]*svcRender
 	// applied: element id -> the element in the kernel and the Service
 	// whose claim it is. conflicts: for the rare id that more than one
@@ -162,7 +164,7 @@ func (b *nftBackend) deleteStale(ctx context.Context, now time.Time) (pending bo
 func (b *nftBackend) sync(ctx context.Context, st *state, changed map[types.NamespacedName]bool, full bool) (syncResult, error) {
 	now := time.Now()
 	b.deleteStale(ctx, now)
-	if full {
+	if full || !b.valid {
 		return b.fullSync(ctx, st, rendererFor(st), now)
 	}
 	return b.partialSync(ctx, st, rendererFor(st), changed, now)
@@ -176,6 +178,13 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 	if err != nil {
 		return syncResult{}, err
 	}
+
+	// A full sync needs nothing of what was applied but the stale chains:
+	// dropping the old renders and elements now, rather than when the new
+	// ones replace them, keeps them out of the sync's peak memory. Until
+	// this sync succeeds, every sync is a full one.
+	b.valid = false
+	b.renders, b.applied, b.conflicts, b.staticElems = map[types.NamespacedName]*svcRender{}, map[elemID]owned{}, map[elemID][]owned{}, nil
 
 	renders := make(map[types.NamespacedName]*svcRender, len(st.services))
 	names := sortedNames(st.services)
@@ -357,6 +366,7 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 		delete(b.stale, c)
 	}
 	b.resetBaseChains = false
+	b.valid = true
 	b.staticRules = staticRules
 	b.renders, b.applied, b.conflicts, b.staticElems = renders, applied, conflicts, staticElems
 	b.pickUsers = pickUsers
