@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -43,14 +44,38 @@ func (b *batchingNFT) Run(ctx context.Context, tx *knftables.Transaction) error 
 		// A transaction that failed to build: knftables reports why.
 		return b.Interface.Run(ctx, tx)
 	}
+	// The regrouped text is written to nft as it is made, not built first:
+	// a full sync's is as large as the transaction's text (~10 MB at
+	// 10,000 Services), and both at once would add to the sync's peak.
 	cmd := exec.CommandContext(ctx, b.path, "-f", "-")
-	cmd.Stdin = strings.NewReader(mergeElementAdds(text))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return fmt.Errorf("nft: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("nft: %w", err)
+	}
+	w := bufio.NewWriterSize(stdin, min(len(text), 64<<10))
+	mergeElementAdds(w, text)
+	werr := w.Flush()
+	stdin.Close()
+	if err := cmd.Wait(); err != nil {
 		return fmt.Errorf("nft: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
+	if werr != nil {
+		// nft exited 0 without reading everything: not applied as sent.
+		return fmt.Errorf("nft: writing the transaction: %w", werr)
+	}
 	return nil
+}
+
+// textWriter is what mergeElementAdds writes to (a bufio.Writer, whose
+// errors stick until Flush, or a strings.Builder).
+type textWriter interface {
+	WriteString(s string) (int, error)
+	WriteByte(c byte) error
 }
 
 // mergeElementAdds rewrites consecutive lines
@@ -60,9 +85,7 @@ func (b *batchingNFT) Run(ctx context.Context, tx *knftables.Transaction) error 
 //
 // as "add element inet t m { k1 : v1, k2 : v2 }", up to elementBatch
 // elements per command. Other lines, and their order, are kept.
-func mergeElementAdds(text string) string {
-	var out strings.Builder
-	out.Grow(len(text))
+func mergeElementAdds(out textWriter, text string) {
 	var prefix string // "add element <family> <table> <name> { " of the open command
 	n := 0
 	closeCmd := func() {
@@ -91,7 +114,6 @@ func mergeElementAdds(text string) string {
 		n++
 	}
 	closeCmd()
-	return out.String()
 }
 
 // splitElementAdd splits "add element <family> <table> <name> { <body> }"

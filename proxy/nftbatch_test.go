@@ -43,7 +43,9 @@ func TestMergeElementAdds(t *testing.T) {
 		{"at most elementBatch per command", bigIn, bigWant},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := mergeElementAdds(tc.in); got != tc.want {
+			var out strings.Builder
+			mergeElementAdds(&out, tc.in)
+			if got := out.String(); got != tc.want {
 				t.Errorf("got\n%s\nwant\n%s", got, tc.want)
 			}
 		})
