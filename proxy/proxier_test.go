@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -544,5 +545,54 @@ func TestConfigValidation(t *testing.T) {
 	c := Config{}
 	if err := c.defaults(); err != nil || c.MasqueradeMark != 0x4000 || c.Backend != BackendAuto || c.SyncPeriod == 0 || c.MinSyncPeriod == 0 {
 		t.Errorf("defaults: %+v %v", c, err)
+	}
+}
+
+// failingNFT fails the Run calls whose number (from 1) is in fail.
+type failingNFT struct {
+	knftables.Interface
+	runs int
+	fail map[int]bool
+}
+
+func (f *failingNFT) Run(ctx context.Context, tx *knftables.Transaction) error {
+	f.runs++
+	if f.fail[f.runs] {
+		return errors.New("nft: injected failure")
+	}
+	return f.Interface.Run(ctx, tx)
+}
+
+// TestBackendAfterFailedFullSync: a full sync drops what the backend knew
+// was applied before it builds anew; if it then fails, the backend makes
+// the next sync full even when asked for a partial one, and the table ends
+// up as a clean full sync makes it.
+func TestBackendAfterFailedFullSync(t *testing.T) {
+	fake := knftables.NewFake(knftables.InetFamily, tableName)
+	nft := &failingNFT{Interface: fake, fail: map[int]bool{}}
+	h := newHarness(t, testConfig(), nft, allShapes()...)
+	h.fake = fake
+	h.sync()
+	// The next full sync's second transaction (the one that fills the
+	// table) fails.
+	nft.fail[nft.runs+2] = true
+	if _, err := h.p.backend.sync(context.Background(), &h.p.st, nil, true); err == nil {
+		t.Fatal("full sync with a failing transaction succeeded")
+	}
+	h.deleteService("ns1", "web")
+	h.sync() // the proxier asks for a partial sync
+	h.settle()
+
+	var objs []runtime.Object
+	for _, o := range allShapes() {
+		if s, ok := o.(*corev1.Service); ok && s.Name == "web" {
+			continue
+		}
+		objs = append(objs, o)
+	}
+	want := newHarness(t, testConfig(), nil, objs...)
+	want.sync()
+	if got, want := normalize(fake.Dump()), normalize(want.fake.Dump()); got != want {
+		t.Errorf("table after a failed full sync and a partial one differs from a full sync:\n%s", lineDiff(want, got))
 	}
 }
