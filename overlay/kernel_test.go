@@ -29,6 +29,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -519,6 +520,40 @@ func TestKernelAuto(t *testing.T) {
 		t.Errorf("n1 peers programmed = %v", got)
 	}
 	tcpTransfer(t, n3, n1, 1<<20)
+
+	// The checksum bug's trigger (see ensureDevice) is NAT of the outer
+	// VXLAN packet on the sending node. Mark n1's packets to n3's pods as
+	// kube-proxy marks those it will masquerade: the mark survives
+	// encapsulation onto the outer packet, and still no VXLAN packet n1
+	// sends is NATed, by n1's pod traffic, its egress masquerade, or the
+	// node itself.
+	vxlanNAT := fmt.Sprintf(`table inet knit-test-vxlan-nat {
+		chain pre { type filter hook prerouting priority mangle; ip daddr 10.42.3.0/24 meta mark set 0x4000; }
+		chain out { type route hook output priority mangle; ip daddr 10.42.3.0/24 meta mark set 0x4000; }
+		chain post {
+			type filter hook postrouting priority srcnat + 10;
+			udp dport %d meta mark 0x4000 counter name marked;
+			udp dport %d ct status snat counter name natted;
+		}
+		counter marked {}
+		counter natted {}
+	}`, DefaultPort, DefaultPort)
+	run(t, in(n1.ns, "nft", vxlanNAT)...)
+	tcpTransfer(t, n1, n3, 1<<20)
+	if !ping(n1, podIP(3, v4), 0) || !ping(n1, sandbox.ControlPlaneIP, 0) {
+		t.Error("n1's pod lost n3's pod or the outside with the mark set")
+	}
+	if _, ok := try(in(n1.ns, "ping", "-c", "1", "-W", "1", podIP(3, v4))...); !ok {
+		t.Error("node n1 cannot reach n3's pod with the mark set")
+	}
+	counters := run(t, in(n1.ns, "nft", "list", "counters", "table", "inet", "knit-test-vxlan-nat")...)
+	if !regexp.MustCompile(`counter marked \{\s*packets [1-9]`).MatchString(counters) {
+		t.Errorf("no marked VXLAN packet seen leaving n1 (the test sees nothing):\n%s", counters)
+	}
+	if !regexp.MustCompile(`counter natted \{\s*packets 0 `).MatchString(counters) {
+		t.Errorf("VXLAN packets leaving n1 were NATed:\n%s", counters)
+	}
+	run(t, in(n1.ns, "nft", "delete", "table", "inet", "knit-test-vxlan-nat")...)
 	l.quiet()
 
 	// Masquerade: the sandbox bridge address is "outside the cluster" and

@@ -156,18 +156,36 @@ func (r *reconciler) removeDevice(name string) error {
 
 // ensureDevice creates or fixes one VXLAN device and returns its index.
 //
-// Transmit checksum offload is deliberately left at the kernel default (on).
-// flannel and k3s users have been told to turn it off (`ethtool -K flannel.1
-// tx-checksum-ip-generic off`, flannel #1282, #1929, #2152) to cure VXLAN
-// connections stalling for about 63 seconds. The offload was never the
-// bug: kube-proxy's masquerade rule matched on a mark that survived
-// encapsulation, so the outer VXLAN UDP packet was NATed a second time and
-// left with a wrong checksum (kubernetes #88986, fixed by kube-proxy PR
-// #92035, which clears the mark before masquerading). knit removes the
-// trigger instead of paying for the workaround, which costs about two thirds
-// of VXLAN throughput (measured in the lab: 16.6 -> 5.8 Gbit/s): knit's proxy
-// clears its mark before masquerading, and the overlay's own masquerade
-// never matches VXLAN packets the node sends (see masq.go).
+// Transmit checksum offload is deliberately left at the kernel default (on),
+// and there is no switch to turn it off. flannel and k3s users are told to
+// turn it off (`ethtool -K flannel.1 tx-checksum-ip-generic off`, made to
+// stick with a udev rule: flannel #1282, #1929, #2152) when VXLAN traffic
+// stalls (the "63 second delay": TCP's SYN retries) or never gets through.
+// The offload alone corrupts nothing. What does is NAT of the outer,
+// already encapsulated UDP packet on the node that sends it, while the
+// inner checksum is still left to the offload: kube-proxy's masquerade
+// rule matched on a mark that survives encapsulation, so the VXLAN packet
+// was NATed a second time (--random-fully), and the kernel's NAT then wrote
+// a wrong UDP checksum, which the receiver drops (kubernetes #88986; that
+// kernel bug is fixed in the stable kernels 5.6.13, 5.4.41, 4.19.123 and
+// 4.14.181 and later, and kube-proxy PR #92035 clears the mark before
+// masquerading). knit removes the trigger instead of paying for the
+// workaround, which costs about two thirds of VXLAN throughput (measured in
+// the lab: 16.6 -> 5.8 Gbit/s):
+//   - knit's proxy clears its mark when it masquerades (proxy/render.go,
+//     proxy/iptables_render.go), so no outer packet carries it;
+//   - the overlay's own masquerade returns first for VXLAN packets this node
+//     sends, and otherwise matches pod sources only, which an outer packet
+//     (from the node IP) never has (masq.go);
+//   - the kernel tests move TCP through the device with the offload on
+//     (TestKernelVXLAN), and check that no VXLAN packet is NATed on its way
+//     out (TestKernelAuto).
+//
+// Left to the host: NAT of this node's VXLAN packets by a rule of someone
+// else's (flannel #1929: a node behind NAT that masquerades its own
+// outgoing traffic) on a kernel older than those fixes. There the offload
+// workaround still helps, by hand; knit does not apply it to every node,
+// which would cost every fixed kernel two thirds of its VXLAN throughput.
 func (r *reconciler) ensureDevice(d *device) (int, error) {
 	l, err := r.k.LinkByName(d.Name)
 	if err != nil && !isNotFound(err) {
