@@ -98,6 +98,20 @@ func TestCrossNode(t *testing.T) {
 	pods := echoPods(t, c, ns, "x", names...)
 	src := pods[0]
 	ctx := context.Background()
+	// The pod MTU is the overlay's: the underlay interface's (the one
+	// holding the node IP) less 50 bytes of VXLAN over IPv4, handed to the
+	// CNI plugin.
+	for _, p := range pods {
+		n := c.Node(p.Spec.NodeName)
+		out, err := n.Exec(ctx, "ip", "-o", "link", "show", "dev", "eth0")
+		if err != nil {
+			t.Fatalf("%s: %v: %s", n.Name, err, out)
+		}
+		underlay := mtuField(t, out)
+		if got := podMTU(t, p); got != underlay-50 {
+			t.Errorf("pod %s on %s has MTU %d, want %d (underlay eth0 %d less 50)", p.Name, n.Name, got, underlay-50, underlay)
+		}
+	}
 	for _, dst := range pods[1:] {
 		r, err := httpEcho(lab.PodNetns(src), hostport(dst.Status.PodIP, echo.HTTPPort))
 		if err != nil || r.Pod != dst.Name {
@@ -158,6 +172,12 @@ func podMTU(t *testing.T, p *corev1.Pod) int {
 	if err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
+	return mtuField(t, out)
+}
+
+// mtuField is the MTU in a line of `ip -o link show`.
+func mtuField(t *testing.T, out string) int {
+	t.Helper()
 	f := strings.Fields(out)
 	for i := range f[:len(f)-1] {
 		if f[i] == "mtu" {

@@ -46,8 +46,15 @@ func TestOverlayDirect(t *testing.T) {
 
 	ns := namespace(t, c, "overlay-direct")
 	pods := echoPods(t, c, ns, "d", n1.Name, n2.Name)
-	if mtu := podMTU(t, pods[0]); mtu != 1500 {
-		t.Logf("pod MTU with the direct backend: %d (the underlay's is 1500)", mtu)
+	// No encapsulation: pods get the underlay interface's whole MTU.
+	for i, n := range []*lab.Node{n1, n2} {
+		out, err := n.Exec(ctx, "ip", "-o", "link", "show", "dev", "eth0")
+		if err != nil {
+			t.Fatalf("%s: %v: %s", n.Name, err, out)
+		}
+		if got, want := podMTU(t, pods[i]), mtuField(t, out); got != want {
+			t.Errorf("pod on %s: MTU %d with the direct backend, want the underlay's %d", n.Name, got, want)
+		}
 	}
 	checkPodPath(t, c, pods[0], pods[1], n1)
 	checkPodPath(t, c, pods[1], pods[0], n2)
