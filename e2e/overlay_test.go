@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -362,6 +363,16 @@ func vxlanFDB(t *testing.T, n *lab.Node) string {
 // device's ifindex, to compare across a restart.
 func overlayState(t *testing.T, n *lab.Node) string {
 	t.Helper()
+	s, err := overlayStateErr(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// overlayStateErr is overlayState for callers that must not stop the test
+// (during an API server outage, say).
+func overlayStateErr(n *lab.Node) (string, error) {
 	ctx := context.Background()
 	var b strings.Builder
 	for _, cmd := range [][]string{
@@ -372,16 +383,20 @@ func overlayState(t *testing.T, n *lab.Node) string {
 	} {
 		out, err := n.Exec(ctx, cmd...)
 		if err != nil {
-			t.Fatalf("%s: %s: %v: %s", n.Name, strings.Join(cmd, " "), err, out)
+			return "", fmt.Errorf("%s: %s: %v: %s", n.Name, strings.Join(cmd, " "), err, out)
 		}
 		if cmd[1] == "-o" {
 			// "7: knit-vx4: <...> mtu 1450 ... state UNKNOWN ..." keep the
 			// index and name, not the state counters.
 			out = strings.Join(strings.Fields(out)[:2], " ") + "\n"
 		}
-		b.WriteString(out)
+		// The kernel dumps neighbours in hash table order, which changes
+		// as other entries come and go: compare sets, not orders.
+		lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
+		sort.Strings(lines)
+		b.WriteString(strings.Join(lines, "\n") + "\n")
 	}
-	return b.String()
+	return b.String(), nil
 }
 
 // startIperf3Server runs an iperf3 server in the pod's netns until the
