@@ -121,6 +121,13 @@ func TestOverlayAutoTwoSubnets(t *testing.T) {
 		for _, n := range []*lab.Node{n1, n2} {
 			before[n.Name] = overlayState(t, n)
 		}
+		// No flap: the kernel itself reports every change to the
+		// overlay's links, routes, neighbour and FDB entries and its
+		// nftables rules; there must be none across the restarts.
+		watches := map[string]*kernelWatch{}
+		for _, n := range []*lab.Node{n1, n2} {
+			watches[n.Name] = watchKernel(t, n)
+		}
 		srv := startIperf3Server(t, pods[1])
 		defer srv()
 		type result struct {
@@ -156,6 +163,16 @@ func TestOverlayAutoTwoSubnets(t *testing.T) {
 		for _, n := range []*lab.Node{n1, n2} {
 			if after := overlayState(t, n); after != before[n.Name] {
 				t.Errorf("%s: overlay kernel state changed across the agent restart\nbefore:\n%s\nafter:\n%s", n.Name, before[n.Name], after)
+			}
+			// The watch ran from before the first stop to the end of the
+			// transfer: the new agents' first syncs (the ones that would
+			// flap) ran before they were Ready, and more followed.
+			if changed := watches[n.Name].stop(); len(changed) > 0 {
+				t.Errorf("%s: the kernel reported %d changes to the overlay's entries across the agent restart:\n%s",
+					n.Name, len(changed), strings.Join(changed, "\n"))
+			}
+			if ch, err := overlayKernelChanges(n); err != nil || ch != 0 {
+				t.Errorf("%s: the restarted agent counts %v netlink changes (%v), want 0", n.Name, ch, err)
 			}
 		}
 	})
