@@ -51,7 +51,8 @@ func benchState(tb testing.TB) *state {
 }
 
 // renderOnly stands in for the kernel: it serializes each transaction (as
-// knftables does before running nft) and drops it. knftables' fake is no
+// knftables does before running nft, or as batchingNFT writes a full sync's
+// elements) and drops it. knftables' fake is no
 // use at this scale: it inserts each element with a linear search, which
 // makes a 120,000-element sync take a minute of the fake's own time.
 type renderOnly struct {
@@ -65,6 +66,19 @@ func (r *renderOnly) Run(_ context.Context, tx *knftables.Transaction) error {
 }
 
 func (r *renderOnly) List(context.Context, string) ([]string, error) { return nil, nil }
+
+// runBulk writes a full sync's text as batchingNFT does, and drops it.
+func (r *renderOnly) runBulk(_ context.Context, head *knftables.Transaction, elems []*element, tail *knftables.Transaction) error {
+	var c countingWriter
+	writeBulk(&c, head.String(), elems, tail.String())
+	r.bytes = c.n
+	return nil
+}
+
+type countingWriter struct{ n int }
+
+func (c *countingWriter) WriteString(s string) (int, error) { c.n += len(s); return len(s), nil }
+func (c *countingWriter) WriteByte(byte) error              { c.n++; return nil }
 
 func benchNFT(b *testing.B, kind string) (nft, lister knftables.Interface) {
 	switch kind {

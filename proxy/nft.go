@@ -336,31 +336,52 @@ func (b *nftBackend) fullSync(ctx context.Context, st *state, r *renderer, now t
 			addRules(tx, c)
 		}
 	}
+	// The elements, in a stable order (for tests and for reading): with
+	// the nft binary written straight from the renders (bulkRunner), else
+	// as knftables elements.
+	elems := make([]*element, 0, len(staticElems)+len(ids))
 	for i := range staticElems {
 		el := &staticElems[i]
-		tx.Add(el.object())
+		elems = append(elems, el)
 		applied[el.id()] = owned{el: el}
 	}
-	slices.SortFunc(ids, compareIDs) // a stable transaction, for tests and for reading
+	slices.SortFunc(ids, compareIDs)
 	for _, id := range ids {
-		o := applied[id]
-		tx.Add(o.el.object())
+		elems = append(elems, applied[id].el)
+	}
+	bulk, isBulk := b.nft.(bulkRunner)
+	tail := tx
+	if isBulk {
+		tail = b.nft.NewTransaction()
+	} else {
+		for _, el := range elems {
+			tx.Add(el.object())
+		}
 	}
 	for _, s := range existing["set"] {
 		if isServiceObject(s) && !desired[s] {
-			tx.Delete(&knftables.Set{Name: s})
+			tail.Delete(&knftables.Set{Name: s})
 		}
 	}
 	for _, m := range existing["map"] {
 		if isServiceObject(m) && !desired[m] {
-			tx.Delete(&knftables.Map{Name: m})
+			tail.Delete(&knftables.Map{Name: m})
 		}
 	}
-	if err := b.nft.Run(ctx, tx); err != nil {
+	if isBulk {
+		err = bulk.runBulk(ctx, tx, elems, tail)
+	} else {
+		err = b.nft.Run(ctx, tx)
+	}
+	if err != nil {
 		// The table's contents are as before. Forget what we think is
 		// applied; the next sync is full again.
 		clear(b.stale)
-		return syncResult{}, fmt.Errorf("nftables full sync (%d operations): %w", tx.NumOperations(), err)
+		ops := tx.NumOperations()
+		if isBulk {
+			ops += len(elems) + tail.NumOperations()
+		}
+		return syncResult{}, fmt.Errorf("nftables full sync (%d operations): %w", ops, err)
 	}
 	for c := range desired {
 		delete(b.stale, c)
