@@ -19,6 +19,8 @@
 //	    partial sync: only what the changed Services' renders changed
 //	    full sync (first, every SyncPeriod, after any failure): everything,
 //	        chains and maps flushed and refilled inside the transaction
+//	        (its elements written to nft straight from the renders, not as
+//	        knftables elements: see bulkRunner)
 //	    ▼
 //	kernel; then health check servers and stale UDP conntrack cleanup
 //
