@@ -40,6 +40,18 @@ type kernelWatch struct {
 // watchKernel starts the monitors in n's netns; stop ends them.
 func watchKernel(t *testing.T, n *lab.Node) *kernelWatch {
 	t.Helper()
+	// A young VXLAN device's IPv6 link-local address is still tentative;
+	// when duplicate address detection ends the kernel announces it (and
+	// its local route): wait for that first.
+	if err := eventually(5*time.Second, func() error {
+		out, err := n.Exec(context.Background(), "ip", "-6", "addr", "show", "dev", "knit-vx4", "tentative")
+		if err == nil && strings.TrimSpace(out) != "" {
+			err = fmt.Errorf("tentative: %s", out)
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("%s: knit-vx4: %v", n.Name, err)
+	}
 	w := &kernelWatch{node: n.Name}
 	for _, args := range [][]string{
 		{"ip", "-o", "monitor", "link", "address", "route", "neigh"},
