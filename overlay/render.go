@@ -33,6 +33,7 @@ type candidate struct {
 	peer    int // index into peers
 	prefix  netip.Prefix
 	overlap bool
+	with    int // when overlap: the peer of one candidate it overlaps
 }
 
 // render computes the whole desired kernel state from this node's facts and
@@ -119,8 +120,9 @@ func render(cfg *Config, loc localNode, nodes []*corev1.Node) rendered {
 		for _, c := range cands {
 			switch {
 			case c.overlap:
+				other := peers[c.with]
 				out.Skips = append(out.Skips, skip{Peer: peers[c.peer].Name, Family: f,
-					Err: skipf(reasonOverlapping, "podCIDR %s overlaps another peer's", c.prefix)})
+					Err: skipf(reasonOverlapping, "podCIDR %s overlaps %s's %s", c.prefix, other.Name, other.PodCIDRs[f])})
 			default:
 				accepted[f] = append(accepted[f], c)
 			}
@@ -265,32 +267,33 @@ func inClusterCIDRs(cidrs []netip.Prefix, p netip.Prefix) bool {
 	return false
 }
 
-// markOverlaps flags every candidate whose prefix overlaps another's. CIDR
-// prefixes overlap only by containment, so after sorting by first address
-// (shorter first on ties) a prefix overlaps an earlier one exactly when it
-// starts at or before the furthest last address seen so far; every member
-// of such a run is flagged. O(n log n): this runs on every sync with one
-// candidate per node.
+// markOverlaps flags every candidate whose prefix overlaps another's, and
+// names one it overlaps (with). CIDR prefixes of one family either nest or
+// are disjoint, so after sorting by first address (shorter first on ties)
+// a prefix that starts inside the last one that started a run lies inside
+// it; the run's first prefix overlaps its second. O(n log n): this runs on
+// every sync with one candidate per node.
 func markOverlaps(c []candidate) {
 	slices.SortFunc(c, func(a, b candidate) int {
 		if r := a.prefix.Addr().Compare(b.prefix.Addr()); r != 0 {
 			return r
 		}
-		return cmp.Compare(a.prefix.Bits(), b.prefix.Bits())
+		if r := cmp.Compare(a.prefix.Bits(), b.prefix.Bits()); r != 0 {
+			return r
+		}
+		return cmp.Compare(a.peer, b.peer) // equal prefixes: same result every time
 	})
 	runStart := 0
-	var maxEnd netip.Addr
+	var runEnd netip.Addr
 	for i := range c {
-		if i > 0 && c[i].prefix.Addr().Compare(maxEnd) <= 0 {
-			for j := runStart; j <= i; j++ {
-				c[j].overlap = true
+		if i > 0 && c[i].prefix.Addr().Compare(runEnd) <= 0 {
+			c[i].overlap, c[i].with = true, c[runStart].peer
+			if !c[runStart].overlap {
+				c[runStart].overlap, c[runStart].with = true, c[i].peer
 			}
-		} else {
-			runStart = i
+			continue
 		}
-		if end := lastAddr(c[i].prefix); i == 0 || end.Compare(maxEnd) > 0 {
-			maxEnd = end
-		}
+		runStart, runEnd = i, lastAddr(c[i].prefix)
 	}
 }
 

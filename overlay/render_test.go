@@ -277,6 +277,9 @@ func TestMarkOverlaps(t *testing.T) {
 		{[]string{"10.42.0.0/16", "10.42.7.0/24", "10.43.0.0/24"}, []string{"10.42.0.0/16", "10.42.7.0/24"}},
 		{[]string{"10.42.2.0/24", "10.42.0.0/22", "10.42.9.0/24", "10.42.4.0/24"}, []string{"10.42.0.0/22", "10.42.2.0/24"}},
 		{[]string{"fd42:0:0:1::/64", "fd42::/56", "fd43::/64"}, []string{"fd42::/56", "fd42:0:0:1::/64"}},
+		// Two runs, the first of three.
+		{[]string{"10.42.0.0/22", "10.42.1.0/24", "10.42.2.0/24", "10.42.8.0/24", "10.42.8.0/25", "10.42.9.0/24"},
+			[]string{"10.42.0.0/22", "10.42.1.0/24", "10.42.2.0/24", "10.42.8.0/24", "10.42.8.0/25"}},
 	}
 	for _, tt := range tests {
 		var c []candidate
@@ -288,11 +291,38 @@ func TestMarkOverlaps(t *testing.T) {
 		for _, x := range c {
 			if x.overlap {
 				got = append(got, x.prefix.String())
+				// It names one it really overlaps.
+				if other := netip.MustParsePrefix(tt.in[x.with]); x.with == x.peer || !other.Overlaps(x.prefix) {
+					t.Errorf("markOverlaps(%v): %s said to overlap %s (#%d)", tt.in, x.prefix, other, x.with)
+				}
 			}
 		}
 		if !slices.Equal(got, tt.want) {
 			t.Errorf("markOverlaps(%v) = %v, want %v", tt.in, got, tt.want)
 		}
+	}
+}
+
+// The skip detail of overlapping podCIDRs names the peer and podCIDR
+// conflicted with, or this node's own.
+func TestOverlapDetail(t *testing.T) {
+	cfg := testConfig(t, BackendVXLAN)
+	rd := render(&cfg, localNode{Name: "n1", PodCIDRs: v4Only, Underlay: [2]underlay{ul4}}, []*corev1.Node{
+		knitNode("a", 2, []string{"10.42.14.0/23"}, []string{"198.18.0.2"}),
+		knitNode("b", 3, []string{"10.42.15.0/24"}, []string{"198.18.0.3"}),
+		knitNode("c", 4, []string{"10.42.1.128/25"}, []string{"198.18.0.4"}),
+	})
+	var got []string
+	for _, s := range rd.Skips {
+		got = append(got, s.Peer+": "+s.Err.Error())
+	}
+	want := []string{
+		"c: overlapping-podcidr: podCIDR 10.42.1.128/25 overlaps this node's 10.42.1.0/24",
+		"a: overlapping-podcidr: podCIDR 10.42.14.0/23 overlaps b's 10.42.15.0/24",
+		"b: overlapping-podcidr: podCIDR 10.42.15.0/24 overlaps a's 10.42.14.0/23",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("skips:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
 
