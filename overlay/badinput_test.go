@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -121,6 +122,59 @@ func TestOverlaySkipsBadPeers(t *testing.T) {
 			})
 			if !strings.Contains(h.k.state(), "route 10.42.2.0/24 via 10.42.2.0 dev knit-vx4") {
 				t.Error("n2's route lost")
+			}
+		})
+	}
+}
+
+// TestOverlayJoiningPeer: a Node younger than joinGrace that has no overlay
+// annotation yet is a node joining (its agent has not published), not bad
+// input: an info line, no warning, no count; once it publishes, it is
+// routed. The same Node older than joinGrace is a skipped peer.
+func TestOverlayJoiningPeer(t *testing.T) {
+	tests := []struct {
+		name    string
+		age     time.Duration
+		counted bool
+	}{
+		{"joining", time.Second, false},
+		{"older than the grace", joinGrace + time.Minute, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			logs := &syncBuffer{}
+			log := slog.New(slog.NewTextHandler(logs, nil))
+			h := startHarnessLog(t, testConfig(t, BackendVXLAN), newFixture().k,
+				knftables.NewFake(knftables.InetFamily, nftTable), nil, log, self("10.42.1.0/24", "198.18.0.1"), peer2)
+			h.eventually("ready", h.o.Ready)
+			good := knitNode("peer5", 5, []string{"10.42.5.0/24"}, []string{"198.18.0.5"})
+			bare := good.DeepCopy()
+			withoutAnnotations()(bare)
+			bare.CreationTimestamp = metav1.NewTime(time.Now().Add(-tt.age))
+			if _, err := h.client.CoreV1().Nodes().Create(ctx, bare, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			h.eventually("peer known", func() bool { return testutil.ToFloat64(h.o.m.peersKnown) == 2 })
+			h.syncs(2)
+			skipped := testutil.ToFloat64(h.o.m.peersSkipped.WithLabelValues(reasonMissingAnnotation))
+			warned := strings.Contains(logs.String(), `level=WARN msg="skipping peer" peer=peer5 `)
+			informed := strings.Contains(logs.String(), `level=INFO msg="peer not announced yet" peer=peer5 `)
+			if tt.counted != (skipped == 1) || tt.counted != warned || tt.counted == informed {
+				t.Fatalf("age %v: counted %v, warned %v, info %v; want counted and warned %v\n%s", tt.age, skipped, warned, informed, tt.counted, logs.String())
+			}
+			// Its agent publishes: routed.
+			cur, err := h.client.CoreV1().Nodes().Get(ctx, "peer5", metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			cur.Annotations = good.Annotations
+			if _, err := h.client.CoreV1().Nodes().Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			h.eventually("routed once announced", h.hasState("route 10.42.5.0/24 via 10.42.5.0 dev knit-vx4"))
+			if !tt.counted && strings.Contains(logs.String(), "level=WARN") {
+				t.Errorf("a joining node caused a warning:\n%s", logs.String())
 			}
 		})
 	}

@@ -387,8 +387,16 @@ func (o *Overlay) report(rd rendered) {
 		if !s.Whole {
 			fam, key = s.Family.String(), s.Peer+"/"+s.Family.String()
 		}
-		now[key] = s.Err.Reason
-		if o.skips[key] != s.Err.Reason {
+		reason := s.Err.Reason
+		if o.joining(s) {
+			reason = "joining"
+		}
+		now[key] = reason
+		switch {
+		case o.skips[key] == reason:
+		case reason == "joining":
+			o.log.Info("peer not announced yet", "peer", s.Peer, "detail", s.Err.Detail)
+		default:
 			o.log.Warn("skipping peer", "peer", s.Peer, "family", fam, "reason", s.Err.Reason, "detail", s.Err.Detail)
 			o.m.peersSkipped.WithLabelValues(s.Err.Reason).Inc()
 		}
@@ -399,6 +407,34 @@ func (o *Overlay) report(rd rendered) {
 		}
 	}
 	o.skips = now
+}
+
+// joinGrace is how long a new Node may go without any overlay annotation
+// before it counts as a skipped peer. Every node sees a joining node's Node
+// object before that node's agent has published its VTEP (150-190 ms in
+// the lab; longer while its image is pulled): that is a node joining, not
+// bad input, and warning and counting it would make an alert on
+// knit_overlay_peers_skipped_total fire at every join.
+const joinGrace = 2 * time.Minute
+
+// joining reports whether the skip (of the whole peer or of one family)
+// is a young Node that has published no overlay annotation at all yet. It becomes an ordinary skip (a warning and a
+// count) at the first sync after joinGrace: a timer sync comes at least
+// every SyncPeriod.
+func (o *Overlay) joining(s skip) bool {
+	if s.Err.Reason != reasonMissingAnnotation {
+		return false
+	}
+	n, err := o.nodes.Get(s.Peer)
+	if err != nil || n.CreationTimestamp.IsZero() || time.Since(n.CreationTimestamp.Time) >= joinGrace {
+		return false
+	}
+	for _, k := range ownedKeys {
+		if _, ok := n.Annotations[k]; ok {
+			return false
+		}
+	}
+	return true
 }
 
 // reportProgrammed sets the programmed-peers gauge once a sync has put
