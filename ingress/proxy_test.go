@@ -10,13 +10,14 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+
+	"knit.dev/knit/internal/testkit"
 )
 
 func oneRoute(host string, svc string) []*networkingv1.Ingress {
@@ -648,7 +649,7 @@ func TestTLSBySNIAndRenewal(t *testing.T) {
 
 func TestMetricsAndAccessLog(t *testing.T) {
 	be := newBackend(t, "a")
-	var logBuf syncBuffer
+	var logBuf testkit.SyncBuffer
 	h := newHarnessLog(t, Config{AccessLog: true}, endpointsInput(oneRoute("a.com", "svc"), map[string][]string{"svc": {be.hostPort()}}),
 		slog.New(slog.NewTextHandler(&logBuf, nil)))
 	c := h.client()
@@ -694,23 +695,6 @@ func TestMetricsAndAccessLog(t *testing.T) {
 			t.Errorf("access log lacks %q:\n%s", want, out)
 		}
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // scriptedBackend answers every request with the same raw bytes and then

@@ -1,36 +1,18 @@
 package overlay
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/knftables"
+
+	"knit.dev/knit/internal/testkit"
 )
-
-// syncBuffer is a log sink the test reads while the Overlay writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // The bad input, through the whole component (informer, sync loop,
 // report, reconciler on the fake kernel): a peer with no podCIDR, a
@@ -64,7 +46,7 @@ func TestOverlaySkipsBadPeers(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			logs := &syncBuffer{}
+			logs := &testkit.SyncBuffer{}
 			log := slog.New(slog.NewTextHandler(logs, nil))
 			h := startHarnessLog(t, testConfig(t, BackendVXLAN), newFixture().k,
 				knftables.NewFake(knftables.InetFamily, nftTable), nil, log, self("10.42.1.0/24", "198.18.0.1"), peer2)
@@ -143,7 +125,7 @@ func TestOverlayJoiningPeer(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			logs := &syncBuffer{}
+			logs := &testkit.SyncBuffer{}
 			log := slog.New(slog.NewTextHandler(logs, nil))
 			h := startHarnessLog(t, testConfig(t, BackendVXLAN), newFixture().k,
 				knftables.NewFake(knftables.InetFamily, nftTable), nil, log, self("10.42.1.0/24", "198.18.0.1"), peer2)

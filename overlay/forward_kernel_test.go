@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"knit.dev/knit/internal/testkit"
 	"knit.dev/knit/internal/xtables"
 	"knit.dev/knit/lab/sandbox"
 )
@@ -203,7 +204,7 @@ func TestForwardKernel(t *testing.T) {
 	}
 	for _, v := range variants {
 		// Counters aside, the same rules.
-		if got := stripCounters(saveOf(t, "iptables-"+v+"-save")); got != stripCounters(before[v]) {
+		if got := testkit.StripIPTablesCounters(saveOf(t, "iptables-"+v+"-save")); got != testkit.StripIPTablesCounters(before[v]) {
 			t.Errorf("iptables-%s changed across a restart:\n%s\nwas:\n%s", v, got, before[v])
 		}
 	}
@@ -256,20 +257,4 @@ func TestForwardKernel(t *testing.T) {
 	if fwdConnects(t) {
 		t.Error("connected through FORWARD DROP after the rules were removed")
 	}
-}
-
-// stripCounters drops iptables-save's comment lines (with timestamps) and
-// chain counters, so that two listings compare.
-func stripCounters(s string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.HasPrefix(l, "#") {
-			continue
-		}
-		if strings.HasPrefix(l, ":") {
-			l = strings.Join(strings.Fields(l)[:2], " ")
-		}
-		out = append(out, l)
-	}
-	return strings.Join(out, "\n")
 }

@@ -22,6 +22,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 
+	"knit.dev/knit/internal/testkit"
 	"knit.dev/knit/lab/sandbox"
 )
 
@@ -136,27 +137,11 @@ func TestIPTablesKernelLoads(t *testing.T) {
 			// A second full sync on unchanged rules succeeds and changes nothing.
 			h2.p.needFull.Store(true)
 			h2.sync()
-			if again := iptSaveText(t, b, v4); stripCounters(again) != stripCounters(save) {
-				t.Errorf("a second full sync changed the rules:\n%s", lineDiff(stripCounters(save), stripCounters(again)))
+			if again := iptSaveText(t, b, v4); testkit.StripIPTablesCounters(again) != testkit.StripIPTablesCounters(save) {
+				t.Errorf("a second full sync changed the rules:\n%s", lineDiff(testkit.StripIPTablesCounters(save), testkit.StripIPTablesCounters(again)))
 			}
 		})
 	}
-}
-
-// stripCounters drops iptables-save's comment lines (with timestamps) and
-// counters, so that two listings compare.
-func stripCounters(s string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.HasPrefix(l, "#") {
-			continue
-		}
-		if strings.HasPrefix(l, ":") {
-			l = strings.Fields(l)[0]
-		}
-		out = append(out, l)
-	}
-	return strings.Join(out, "\n")
 }
 
 // TestIPTablesKernelDataPath sends real TCP and UDP through the rules of
