@@ -127,8 +127,8 @@ func BenchmarkKernelScale(b *testing.B) {
 	b.ReportMetric(float64(addTook.Milliseconds()), "add-ms")
 }
 
-// scalePeer is peer i: podCIDR 10.(100+i/256).(i%256).0/24, underlay
-// 100.64.(i/256).(i%256+1)... as its agent would have published it.
+// scalePeer is peer i: podCIDR 10.(100+i/250).(i%250).0/24, underlay
+// address 100.64.(i/250).(i%250+1), annotated as its agent would publish.
 func scalePeer(i int) *corev1.Node {
 	hi, lo := i/250, i%250
 	ip := fmt.Sprintf("100.64.%d.%d", hi, lo+1)
