@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
@@ -10,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -207,15 +205,6 @@ func proxyIPTCount(ctx context.Context, n *lab.Node, chain, target string) (int,
 // the time from the EndpointSlice write returning to the ClusterIP's rule
 // appearing in the side's services chain (seen by `nft monitor new rules`).
 func proxyIPTAdd(ctx context.Context, b *testing.B, client kubernetes.Interface, n int, sides []*proxySide, apiWrites *[]time.Duration) error {
-	type seenLine struct {
-		at   time.Time
-		text string
-	}
-	type monitor struct {
-		cmd  *exec.Cmd
-		mu   sync.Mutex
-		seen []seenLine
-	}
 	// The nat services chain's jump for the ClusterIP: the filter table has
 	// a chain of the same name with reject rules for Services without
 	// endpoints (as the new Service is, until its slice is read).
@@ -223,48 +212,17 @@ func proxyIPTAdd(ctx context.Context, b *testing.B, client kubernetes.Interface,
 		"knit iptables":       {" ip nat KNIT-SERVICES ", "jump KNIT-SVC-"},
 		"kube-proxy iptables": {" ip nat KUBE-SERVICES ", "jump KUBE-SVC-"},
 	}
-	mons := make([]*monitor, len(sides))
+	mons := make([]*proxyMonitor, len(sides))
 	for i, s := range sides {
-		m := &monitor{cmd: exec.Command("ip", "netns", "exec", s.node.Name, "nft", "monitor", "new", "rules")}
-		m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		out, err := m.cmd.StdoutPipe()
+		mt := match[s.name]
+		m, err := proxyStartMonitor(s.node, "rules", func(l string) bool { return strings.Contains(l, mt[0]) && strings.Contains(l, mt[1]) })
 		if err != nil {
 			return err
 		}
-		if err := m.cmd.Start(); err != nil {
-			return err
-		}
-		defer func() { _ = m.cmd.Process.Kill(); _ = m.cmd.Wait() }()
-		mt := match[s.name]
-		go func() {
-			sc := bufio.NewScanner(out)
-			sc.Buffer(make([]byte, 1<<20), 1<<24)
-			for sc.Scan() {
-				if t := sc.Text(); strings.Contains(t, mt[0]) && strings.Contains(t, mt[1]) {
-					m.mu.Lock()
-					m.seen = append(m.seen, seenLine{time.Now(), t})
-					m.mu.Unlock()
-				}
-			}
-		}()
+		defer m.stop()
 		mons[i] = m
 	}
-	wait := func(m *monitor, ip string) (time.Time, bool) {
-		key := "daddr " + ip + " "
-		deadline := time.Now().Add(proxyAddTimeout)
-		for time.Now().Before(deadline) {
-			m.mu.Lock()
-			for _, l := range m.seen {
-				if strings.Contains(l.text, key) {
-					m.mu.Unlock()
-					return l.at, true
-				}
-			}
-			m.mu.Unlock()
-			time.Sleep(time.Millisecond)
-		}
-		return time.Time{}, false
-	}
+	key := func(ip string) string { return "daddr " + ip + " " }
 	time.Sleep(2 * time.Second) // monitors subscribed
 	for i := -1; i < proxyAdded; i++ {
 		t0 := time.Now()
@@ -275,13 +233,13 @@ func proxyIPTAdd(ctx context.Context, b *testing.B, client kubernetes.Interface,
 		t1 := time.Now()
 		if i < 0 { // an uncounted warm-up
 			for _, m := range mons {
-				wait(m, ip)
+				m.wait(key(ip), proxyAddTimeout)
 			}
 			continue
 		}
 		*apiWrites = append(*apiWrites, t1.Sub(t0))
 		for k, s := range sides {
-			at, ok := wait(mons[k], ip)
+			at, ok := mons[k].wait(key(ip), proxyAddTimeout)
 			if !ok {
 				b.Logf("%s: Service %s not programmed within %v", s.name, ip, proxyAddTimeout)
 				continue
@@ -289,9 +247,7 @@ func proxyIPTAdd(ctx context.Context, b *testing.B, client kubernetes.Interface,
 			s.added = append(s.added, max(at.Sub(t1), 0))
 		}
 		for _, m := range mons {
-			m.mu.Lock()
-			m.seen = m.seen[:0] // each sync re-adds the whole chain
-			m.mu.Unlock()
+			m.reset() // each sync re-adds the whole chain
 		}
 		time.Sleep(time.Second)
 	}

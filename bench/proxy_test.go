@@ -572,8 +572,8 @@ func proxyRSS(pid int) int64 {
 	return 0
 }
 
-// proxyMonitor follows `nft monitor new elements` in a node's netns and
-// remembers when each service-ips line was first seen.
+// proxyMonitor follows `nft monitor new <what>` in a node's netns and
+// remembers when each line that keep accepts was first seen.
 type proxyMonitor struct {
 	cmd  *exec.Cmd
 	mu   sync.Mutex
@@ -585,8 +585,10 @@ type proxyLine struct {
 	text string
 }
 
-func proxyStartMonitor(n *lab.Node) (*proxyMonitor, error) {
-	m := &proxyMonitor{cmd: exec.Command("ip", "netns", "exec", n.Name, "nft", "monitor", "new", "elements")}
+// proxyStartMonitor starts `nft monitor new <what>` ("elements", "rules")
+// in n's netns, keeping the lines keep accepts.
+func proxyStartMonitor(n *lab.Node, what string, keep func(line string) bool) (*proxyMonitor, error) {
+	m := &proxyMonitor{cmd: exec.Command("ip", "netns", "exec", n.Name, "nft", "monitor", "new", what)}
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := m.cmd.StdoutPipe()
 	if err != nil {
@@ -599,7 +601,7 @@ func proxyStartMonitor(n *lab.Node) (*proxyMonitor, error) {
 		sc := bufio.NewScanner(out)
 		sc.Buffer(make([]byte, 1<<20), 1<<24)
 		for sc.Scan() {
-			if t := sc.Text(); strings.Contains(t, "service-ips") {
+			if t := sc.Text(); keep(t) {
 				m.mu.Lock()
 				m.seen = append(m.seen, proxyLine{time.Now(), t})
 				m.mu.Unlock()
@@ -609,9 +611,9 @@ func proxyStartMonitor(n *lab.Node) (*proxyMonitor, error) {
 	return m, nil
 }
 
-// wait returns when the ClusterIP's element was seen, or false at timeout.
-func (m *proxyMonitor) wait(ip string, timeout time.Duration) (time.Time, bool) {
-	key := "{ " + ip + " . "
+// wait returns when a kept line containing key was seen, or false at
+// timeout.
+func (m *proxyMonitor) wait(key string, timeout time.Duration) (time.Time, bool) {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		m.mu.Lock()
@@ -627,14 +629,25 @@ func (m *proxyMonitor) wait(ip string, timeout time.Duration) (time.Time, bool) 
 	return time.Time{}, false
 }
 
+// reset forgets the lines seen so far.
+func (m *proxyMonitor) reset() {
+	m.mu.Lock()
+	m.seen = m.seen[:0]
+	m.mu.Unlock()
+}
+
 func (m *proxyMonitor) stop() { _ = m.cmd.Process.Kill(); _ = m.cmd.Wait() }
+
+// proxyElemKey is how `nft monitor` prints the ClusterIP's service-ips
+// element.
+func proxyElemKey(ip string) string { return "{ " + ip + " . " }
 
 // proxyAddServices adds proxyAdded Services one at a time and records, per
 // side, the time from the EndpointSlice write returning to the element.
 func proxyAddServices(ctx context.Context, b *testing.B, client kubernetes.Interface, sides []*proxySide, apiWrites *[]time.Duration) error {
 	mons := make([]*proxyMonitor, len(sides))
 	for i, s := range sides {
-		m, err := proxyStartMonitor(s.node)
+		m, err := proxyStartMonitor(s.node, "elements", func(l string) bool { return strings.Contains(l, "service-ips") })
 		if err != nil {
 			return err
 		}
@@ -653,13 +666,13 @@ func proxyAddServices(ctx context.Context, b *testing.B, client kubernetes.Inter
 		t1 := time.Now()
 		if i < 0 {
 			for k := range sides {
-				mons[k].wait(ip, proxyAddTimeout)
+				mons[k].wait(proxyElemKey(ip), proxyAddTimeout)
 			}
 			continue
 		}
 		*apiWrites = append(*apiWrites, t1.Sub(t0))
 		for k, s := range sides {
-			at, ok := mons[k].wait(ip, proxyAddTimeout)
+			at, ok := mons[k].wait(proxyElemKey(ip), proxyAddTimeout)
 			if !ok {
 				b.Logf("%s: Service %s not programmed within %v", s.name, ip, proxyAddTimeout)
 				continue
