@@ -22,7 +22,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"knit.dev/knit/lab"
-	"knit.dev/knit/lab/cp"
 	"knit.dev/knit/lab/echo"
 	"knit.dev/knit/lab/sandbox"
 )
@@ -69,19 +68,7 @@ func BenchmarkConvergence(b *testing.B) {
 			b.Fatalf("KNIT_BENCH_CONV_SERVICES=%q: want a positive number", v)
 		}
 	}
-	cache, err := lab.CacheDir()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cpBin, err := cp.Build(ctx, cache)
-	if err != nil {
-		b.Fatal(err)
-	}
-	cl, err := lab.Up(ctx, lab.Options{Nodes: 4, Components: "cni,overlay,proxy",
-		WorkDir: filepath.Join(cache, "bench", "convergence")})
-	if err != nil {
-		b.Fatal(err)
-	}
+	cl, cpBin, dir := benchLab(ctx, b, "convergence", lab.Options{Nodes: 4, Components: "cni,overlay,proxy"})
 	defer cl.Down()
 	n1, n2, n3, n4 := cl.Nodes[0], cl.Nodes[1], cl.Nodes[2], cl.Nodes[3]
 
@@ -200,7 +187,6 @@ func BenchmarkConvergence(b *testing.B) {
 		proxyMS(p99["knit"]), convTargetP99, overlayVerdict(len(missed) == 0 && p99["knit"] > 0 && p99["knit"] <= convTargetP99),
 		proxyRatio(float64(p99["knit"]), float64(p99["kube-proxy nftables"])))
 	fmt.Print(out.String())
-	dir := filepath.Join(cache, "bench", "convergence")
 	if err := os.WriteFile(filepath.Join(dir, "results.txt"), []byte(out.String()), 0o644); err != nil {
 		b.Log(err)
 	}

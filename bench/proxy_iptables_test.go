@@ -16,7 +16,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"knit.dev/knit/lab"
-	"knit.dev/knit/lab/cp"
 	"knit.dev/knit/lab/sandbox"
 )
 
@@ -53,19 +52,7 @@ func BenchmarkProxyIPTables(b *testing.B) {
 			b.Fatalf("KNIT_BENCH_PROXY_IPT_SERVICES=%q: want a positive number", v)
 		}
 	}
-	cache, err := lab.CacheDir()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cpBin, err := cp.Build(ctx, cache)
-	if err != nil {
-		b.Fatal(err)
-	}
-	dir := filepath.Join(cache, "bench", "proxy-iptables")
-	cl, err := lab.Up(ctx, lab.Options{Nodes: 2, Components: "proxy", WorkDir: dir})
-	if err != nil {
-		b.Fatal(err)
-	}
+	cl, cpBin, dir := benchLab(ctx, b, "proxy-iptables", lab.Options{Nodes: 2, Components: "proxy"})
 	defer cl.Down()
 	n1, n2 := cl.Nodes[0], cl.Nodes[1]
 	// What is programmed before the benchmark's Services (the agents run
@@ -98,9 +85,11 @@ func BenchmarkProxyIPTables(b *testing.B) {
 		b.Fatal(err)
 	}
 	kp.started = time.Now()
-	if kp.cmd, err = proxyKubeProxy(cpBin, cl, n2, "iptables"); err != nil {
+	cmd, err := proxyKubeProxy(cpBin, cl, n2, "iptables")
+	if err != nil {
 		b.Fatal(err)
 	}
+	kp.cmd = cmd
 	defer proxyStop(kp.cmd)
 	var wg sync.WaitGroup
 	for _, s := range []*proxySide{knit, kp} {

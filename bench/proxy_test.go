@@ -29,7 +29,6 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"knit.dev/knit/lab"
-	"knit.dev/knit/lab/cp"
 	"knit.dev/knit/lab/sandbox"
 )
 
@@ -116,18 +115,7 @@ func BenchmarkProxy(b *testing.B) {
 	sandbox.Require(b)
 	ctx := context.Background()
 	began := time.Now()
-	cache, err := lab.CacheDir()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cpBin, err := cp.Build(ctx, cache)
-	if err != nil {
-		b.Fatal(err)
-	}
-	cl, err := lab.Up(ctx, lab.Options{Nodes: 3, Components: "proxy", WorkDir: filepath.Join(cache, "bench", "proxy")})
-	if err != nil {
-		b.Fatal(err)
-	}
+	cl, cpBin, dir := benchLab(ctx, b, "proxy", lab.Options{Nodes: 3, Components: "proxy"})
 	defer cl.Down()
 	n1, n2, n3 := cl.Nodes[0], cl.Nodes[1], cl.Nodes[2]
 
@@ -253,7 +241,7 @@ func BenchmarkProxy(b *testing.B) {
 
 	table := proxyReport(knit, nftKP, ipt, written, apiWrites, time.Since(began))
 	b.Log(table)
-	if err := os.WriteFile(filepath.Join(cache, "bench", "proxy", "results.txt"), []byte(table), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "results.txt"), []byte(table), 0o644); err != nil {
 		b.Error(err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"knit.dev/knit/lab"
+	"knit.dev/knit/lab/cp"
 )
 
 // Helpers every benchmark of this package uses.
@@ -76,6 +78,27 @@ func procCPU(pid int) (time.Duration, error) {
 	}
 	const clkTck = 100 // USER_HZ: 100 on every Linux architecture Go supports
 	return time.Duration(utime+stime) * time.Second / clkTck, nil
+}
+
+// benchLab builds the control-plane binary (which also runs the anchor
+// kube-proxy) and brings up a lab with opts working in <cache>/bench/<name>;
+// it returns the lab, the binary's path, and that directory (for
+// results.txt). The caller defers cl.Down().
+func benchLab(ctx context.Context, b *testing.B, name string, opts lab.Options) (cl *lab.Cluster, cpBin, dir string) {
+	b.Helper()
+	cache, err := lab.CacheDir()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if cpBin, err = cp.Build(ctx, cache); err != nil {
+		b.Fatal(err)
+	}
+	dir = filepath.Join(cache, "bench", name)
+	opts.WorkDir = dir
+	if cl, err = lab.Up(ctx, opts); err != nil {
+		b.Fatal(err)
+	}
+	return cl, cpBin, dir
 }
 
 // writerClient is an API client for writing a benchmark's thousands of
