@@ -120,6 +120,21 @@ func newHarness(t testing.TB, cfg Config, nft knftables.Interface, objs ...runti
 	return h
 }
 
+// objects lists the harness's API objects (Services, EndpointSlices) and
+// this node: what a fresh harness needs to render the same state.
+func (h *harness) objects() []runtime.Object {
+	var objs []runtime.Object
+	svcs, _ := h.client.CoreV1().Services("").List(context.Background(), metav1.ListOptions{})
+	for i := range svcs.Items {
+		objs = append(objs, &svcs.Items[i])
+	}
+	sl, _ := h.client.DiscoveryV1().EndpointSlices("").List(context.Background(), metav1.ListOptions{})
+	for i := range sl.Items {
+		objs = append(objs, &sl.Items[i])
+	}
+	return append(objs, node(thisNode, "zone-a", nodeIP, nodeIP6))
+}
+
 // sync runs one sync (full the first time) and fails the test on error.
 func (h *harness) sync() {
 	h.t.Helper()

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 )
 
@@ -177,17 +176,7 @@ func TestIPTablesPartialSyncsEqualFullSync(t *testing.T) {
 		}
 	}
 
-	var objs []runtime.Object
-	svcs, _ := h.client.CoreV1().Services("").List(context.Background(), metav1.ListOptions{})
-	for i := range svcs.Items {
-		objs = append(objs, &svcs.Items[i])
-	}
-	sl, _ := h.client.DiscoveryV1().EndpointSlices("").List(context.Background(), metav1.ListOptions{})
-	for i := range sl.Items {
-		objs = append(objs, &sl.Items[i])
-	}
-	objs = append(objs, node(thisNode, "zone-a", nodeIP, nodeIP6))
-	fresh := newIPTHarness(t, testConfig(), objs...)
+	fresh := newIPTHarness(t, testConfig(), h.objects()...)
 	fresh.sync()
 	if got, want := h.dump(), fresh.dump(); got != want {
 		t.Errorf("partial syncs diverged from a full render:\n%s", lineDiff(want, got))
@@ -310,20 +299,6 @@ func TestIPTablesFailedSyncRecovers(t *testing.T) {
 	if !strings.Contains(h2.ipt[v4].dump(), "-A OTHER-CHAIN -j RETURN") {
 		t.Error("a chain knit did not create was touched")
 	}
-}
-
-// objects lists the harness's API objects.
-func (h *harness) objects() []runtime.Object {
-	var objs []runtime.Object
-	svcs, _ := h.client.CoreV1().Services("").List(context.Background(), metav1.ListOptions{})
-	for i := range svcs.Items {
-		objs = append(objs, &svcs.Items[i])
-	}
-	sl, _ := h.client.DiscoveryV1().EndpointSlices("").List(context.Background(), metav1.ListOptions{})
-	for i := range sl.Items {
-		objs = append(objs, &sl.Items[i])
-	}
-	return append(objs, node(thisNode, "zone-a", nodeIP, nodeIP6))
 }
 
 // TestIPTablesNoIPv6: without a usable ip6tables, IPv4 works and IPv6

@@ -170,17 +170,7 @@ func TestPartialSyncsEqualFullSync(t *testing.T) {
 	h.settle()
 
 	// The final state, from scratch.
-	var objs []runtime.Object
-	svcs, _ := h.client.CoreV1().Services("").List(context.Background(), metav1.ListOptions{})
-	for i := range svcs.Items {
-		objs = append(objs, &svcs.Items[i])
-	}
-	sl, _ := h.client.DiscoveryV1().EndpointSlices("").List(context.Background(), metav1.ListOptions{})
-	for i := range sl.Items {
-		objs = append(objs, &sl.Items[i])
-	}
-	objs = append(objs, node(thisNode, "zone-a", nodeIP, nodeIP6))
-	fresh := newHarness(t, testConfig(), nil, objs...)
+	fresh := newHarness(t, testConfig(), nil, h.objects()...)
 	fresh.sync()
 	if got, want := h.fake.Dump(), fresh.fake.Dump(); normalize(got) != normalize(want) {
 		t.Errorf("partial syncs diverged from a full render:\n%s", lineDiff(want, got))
