@@ -15,7 +15,6 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 )
 
 // TestKernelDataPath sends real connections through the rules in the
@@ -107,58 +106,63 @@ func TestKernelDataPath(t *testing.T) {
 	a3, _ := netlink.ParseAddr("10.42.2.3/24")
 	must(t, nh.AddrAdd(in, a3))
 	for _, ip := range []string{"10.42.2.2", "10.42.2.3"} {
-		pc := inNS(t, server, func() (net.PacketConn, error) { return net.ListenPacket("udp", ip+":5353") })
-		defer pc.Close()
-		go func() {
-			buf := make([]byte, 64)
-			for {
-				_, from, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				_, _ = pc.WriteTo([]byte(ip), from)
-			}
-		}()
+		serveUDPName(t, server, ip)
 	}
 	h.p.ct = netlinkConntrack{}
 	udpSvc := service("ns1", "dns", "10.43.0.30", withPorts(corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}))
-	udpSlice := func(ips ...string) *discoveryv1.EndpointSlice {
-		var list []ep
-		for _, ip := range ips {
-			list = append(list, ep{ip: ip, node: otherNode})
-		}
-		return slice("ns1", "dns", "dns-1", 5353, list,
-			withSlicePorts(discoveryv1.EndpointPort{Name: ptr("dns"), Port: ptr(int32(5353)), Protocol: ptr(corev1.ProtocolUDP)}))
-	}
 	h.addService(udpSvc)
-	h.addSlice(udpSlice("10.42.2.2", "10.42.2.3"))
+	h.addSlice(udpSlice("dns", "10.42.2.2", "10.42.2.3"))
 	h.sync()
 	uc := inNS(t, client, func() (net.Conn, error) { return net.Dial("udp", "10.43.0.30:53") })
 	defer uc.Close()
-	ask := func() string {
-		buf := make([]byte, 64)
-		for range 5 {
-			_, _ = uc.Write([]byte("q"))
-			_ = uc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-			if n, err := uc.Read(buf); err == nil {
-				return string(buf[:n])
-			}
-		}
-		return ""
-	}
-	first := ask()
+	first := askUDP(uc)
 	if first == "" {
 		t.Fatal("UDP Service does not answer")
 	}
-	if again := ask(); again != first {
+	if again := askUDP(uc); again != first {
 		t.Fatalf("one UDP flow changed endpoint without a change: %s then %s", first, again)
 	}
 	other := map[string]string{"10.42.2.2": "10.42.2.3", "10.42.2.3": "10.42.2.2"}[first]
-	h.updateSlice(udpSlice(other))
+	h.updateSlice(udpSlice("dns", other))
 	h.sync()
-	if got := ask(); got != other {
+	if got := askUDP(uc); got != other {
 		t.Errorf("after %s left the Service, the flow still goes to %q; want %s (stale conntrack entry not deleted)", first, got, other)
 	}
+}
+
+// serveUDPName listens on ip:5353 in ns and answers every datagram with
+// ip, until the test ends.
+func serveUDPName(t *testing.T, ns netns.NsHandle, ip string) {
+	t.Helper()
+	pc := inNS(t, ns, func() (net.PacketConn, error) { return net.ListenPacket("udp", ip+":5353") })
+	if pc == nil {
+		return
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			_, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteTo([]byte(ip), from)
+		}
+	}()
+}
+
+// askUDP sends "q" on uc until an answer comes (5 tries, 300 ms each) and
+// returns the answer, "" if none came.
+func askUDP(uc net.Conn) string {
+	buf := make([]byte, 64)
+	for range 5 {
+		_, _ = uc.Write([]byte("q"))
+		_ = uc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if n, err := uc.Read(buf); err == nil {
+			return string(buf[:n])
+		}
+	}
+	return ""
 }
 
 // podNS makes a network namespace joined to this one by a veth: hostIP on

@@ -326,6 +326,17 @@ func withSlicePorts(ports ...discoveryv1.EndpointPort) sliceOpt {
 	return func(s *discoveryv1.EndpointSlice) { s.Ports = ports }
 }
 
+// udpSlice is the EndpointSlice of the UDP Service ns1/name: port "dns"
+// on 5353 at each of ips, all on the other node.
+func udpSlice(name string, ips ...string) *discoveryv1.EndpointSlice {
+	var list []ep
+	for _, ip := range ips {
+		list = append(list, ep{ip: ip, node: otherNode})
+	}
+	return slice("ns1", name, name+"-1", 5353, list,
+		withSlicePorts(discoveryv1.EndpointPort{Name: ptr("dns"), Port: ptr(int32(5353)), Protocol: ptr(corev1.ProtocolUDP)}))
+}
+
 func withTrigger(t time.Time) sliceOpt {
 	return func(s *discoveryv1.EndpointSlice) {
 		s.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: t.Format(time.RFC3339Nano)}

@@ -19,7 +19,6 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"knit.dev/knit/internal/testkit"
@@ -187,18 +186,7 @@ func TestIPTablesKernelDataPath(t *testing.T) {
 				c.Close()
 			}
 		}()
-		pc := inNS(t, server, func() (net.PacketConn, error) { return net.ListenPacket("udp", ip+":5353") })
-		t.Cleanup(func() { pc.Close() })
-		go func() {
-			buf := make([]byte, 64)
-			for {
-				_, from, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				_, _ = pc.WriteTo([]byte(ip), from)
-			}
-		}()
+		serveUDPName(t, server, ip)
 	}
 
 	local := func(ip string) ep { return ep{ip: ip, node: thisNode} }
@@ -309,38 +297,19 @@ func TestIPTablesKernelDataPath(t *testing.T) {
 			})
 
 			t.Run("UDP moves off a removed endpoint", func(t *testing.T) {
-				udpSlice := func(ips ...string) *discoveryv1.EndpointSlice {
-					var list []ep
-					for _, ip := range ips {
-						list = append(list, remote(ip))
-					}
-					return slice("ns1", "dns", "dns-1", 5353, list,
-						withSlicePorts(discoveryv1.EndpointPort{Name: ptr("dns"), Port: ptr(int32(5353)), Protocol: ptr(corev1.ProtocolUDP)}))
-				}
 				h.addService(service("ns1", "dns", "10.43.0.30", withPorts(corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP})))
-				h.addSlice(udpSlice("10.42.2.2", "10.42.2.3"))
+				h.addSlice(udpSlice("dns", "10.42.2.2", "10.42.2.3"))
 				h.sync()
 				uc := inNS(t, client, func() (net.Conn, error) { return net.Dial("udp", "10.43.0.30:53") })
 				defer uc.Close()
-				ask := func() string {
-					buf := make([]byte, 64)
-					for range 5 {
-						_, _ = uc.Write([]byte("q"))
-						_ = uc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-						if n, err := uc.Read(buf); err == nil {
-							return string(buf[:n])
-						}
-					}
-					return ""
-				}
-				first := ask()
+				first := askUDP(uc)
 				if first == "" {
 					t.Fatal("UDP Service does not answer")
 				}
 				other := map[string]string{"10.42.2.2": "10.42.2.3", "10.42.2.3": "10.42.2.2"}[first]
-				h.updateSlice(udpSlice(other))
+				h.updateSlice(udpSlice("dns", other))
 				h.sync()
-				if got := ask(); got != other {
+				if got := askUDP(uc); got != other {
 					t.Errorf("after %s left the Service, the flow still goes to %q; want %s", first, got, other)
 				}
 			})

@@ -408,19 +408,11 @@ func TestNodePortAddresses(t *testing.T) {
 func TestStaleUDPConntrack(t *testing.T) {
 	udp := service("ns1", "dns2", "10.43.0.50", withPorts(corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP, NodePort: 30053}))
 	udp.Spec.Type = corev1.ServiceTypeNodePort
-	udpSlice := func(ips ...string) *discoveryv1.EndpointSlice {
-		var list []ep
-		for _, ip := range ips {
-			list = append(list, ep{ip: ip, node: otherNode})
-		}
-		return slice("ns1", "dns2", "dns2-1", 5353, list,
-			withSlicePorts(discoveryv1.EndpointPort{Name: ptr("dns"), Port: ptr(int32(5353)), Protocol: ptr(corev1.ProtocolUDP)}))
-	}
-	h := newHarness(t, testConfig(), nil, udp, udpSlice("10.42.2.1", "10.42.2.2"),
+	h := newHarness(t, testConfig(), nil, udp, udpSlice("dns2", "10.42.2.1", "10.42.2.2"),
 		service("ns1", "web", "10.43.0.20"), slice("ns1", "web", "web-1", 8080, eps(2, "10.42.1", thisNode)))
 	h.sync()
 	h.ct.last = nil
-	h.updateSlice(udpSlice("10.42.2.2"))
+	h.updateSlice(udpSlice("dns2", "10.42.2.2"))
 	h.sync()
 	flt := h.ct.last[v4]
 	if flt == nil {
