@@ -64,7 +64,7 @@ import (
 // of policy drop) is beyond what knit can fix without rewriting someone
 // else's ruleset: full syncs look for one and report it (see nftForwardDrops).
 
-var fwdJump = []string{"-m", "comment", "--comment", xtables.ForwardJumpComment, "-j", xtables.ForwardChain}
+var fwdJump = xtables.ForwardJump()
 
 // fwdIPT is one family's filter table of one iptables variant.
 type fwdIPT interface {

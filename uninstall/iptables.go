@@ -62,7 +62,7 @@ func removeForwardChain(ipt *iptables.IPTables) error {
 	if err != nil || !ok {
 		return err
 	}
-	jump := []string{"-m", "comment", "--comment", xtables.ForwardJumpComment, "-j", xtables.ForwardChain}
+	jump := xtables.ForwardJump()
 	for {
 		there, err := ipt.Exists("filter", "FORWARD", jump...)
 		if err != nil {

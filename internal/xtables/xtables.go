@@ -46,6 +46,13 @@ const ForwardChain = "KNIT-FORWARD"
 // ForwardChain (knit uninstall looks for it).
 const ForwardJumpComment = "knit overlay forward rules"
 
+// ForwardJump returns the rule (iptables arguments) of the overlay's jump
+// from FORWARD to ForwardChain: the overlay inserts it, the overlay and
+// knit uninstall delete it.
+func ForwardJump() []string {
+	return []string{"-m", "comment", "--comment", ForwardJumpComment, "-j", ForwardChain}
+}
+
 // Tools are one family's iptables programs of one variant.
 type Tools struct{ IPTables, Save, Restore string }
 
