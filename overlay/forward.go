@@ -364,11 +364,12 @@ func openFwdIPT(tools xtables.Tools, fam family) (fwdIPT, error) {
 }
 
 func (x *fwdExec) listChain(chain string) ([]string, bool, error) {
-	ok, err := x.ipt.ChainExists("filter", chain)
-	if err != nil || !ok {
-		return nil, false, err
-	}
+	// One iptables -S: a missing chain is its exit status 1, as
+	// go-iptables' ChainExists tells it (which would be a second exec).
 	lines, err := x.ipt.List("filter", chain)
+	if eerr, ok := err.(*iptables.Error); ok && eerr.ExitStatus() == 1 {
+		return nil, false, nil
+	}
 	if err != nil {
 		return nil, false, err
 	}
