@@ -48,19 +48,24 @@ type fakeCluster struct {
 	done    chan error
 }
 
-func startFakeCluster(t *testing.T, cfg Config, objs ...runtime.Object) *fakeCluster {
-	t.Helper()
-	client := fake.NewClientset(objs...)
+// fakeSources are the ingress's informer inputs from client, without a
+// Client to write status or a Nodes lister.
+func fakeSources(client *fake.Clientset) (informers.SharedInformerFactory, Sources) {
 	factory := informers.NewSharedInformerFactory(client, 0)
-	src := Sources{
+	return factory, Sources{
 		Ingresses:      factory.Networking().V1().Ingresses(),
 		IngressClasses: factory.Networking().V1().IngressClasses(),
 		Services:       factory.Core().V1().Services(),
 		EndpointSlices: factory.Discovery().V1().EndpointSlices(),
 		Secrets:        factory.Core().V1().Secrets().Informer(),
-		Client:         client,
-		Nodes:          factory.Core().V1().Nodes(),
 	}
+}
+
+func startFakeCluster(t *testing.T, cfg Config, objs ...runtime.Object) *fakeCluster {
+	t.Helper()
+	client := fake.NewClientset(objs...)
+	factory, src := fakeSources(client)
+	src.Client, src.Nodes = client, factory.Core().V1().Nodes()
 	cfg.HTTPAddr, cfg.HTTPSAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.MinSyncInterval = 10 * time.Millisecond
 	c, err := New(cfg, src, prometheus.NewRegistry(), testLogger())
@@ -268,15 +273,8 @@ func TestRunListensOnConfiguredAddresses(t *testing.T) {
 		t.Errorf("empty table: %d", code)
 	}
 	// Same port again: Run returns an error instead of serving nothing.
-	client := fake.NewClientset()
-	factory := informers.NewSharedInformerFactory(client, 0)
-	c2, err := New(Config{HTTPAddr: fc.c.HTTPAddr().String()}, Sources{
-		Ingresses:      factory.Networking().V1().Ingresses(),
-		IngressClasses: factory.Networking().V1().IngressClasses(),
-		Services:       factory.Core().V1().Services(),
-		EndpointSlices: factory.Discovery().V1().EndpointSlices(),
-		Secrets:        factory.Core().V1().Secrets().Informer(),
-	}, prometheus.NewRegistry(), testLogger())
+	_, src := fakeSources(fake.NewClientset())
+	c2, err := New(Config{HTTPAddr: fc.c.HTTPAddr().String()}, src, prometheus.NewRegistry(), testLogger())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 	"sigs.k8s.io/knftables"
 
@@ -67,15 +66,7 @@ func TestGuard(t *testing.T) {
 // TestControllerGuardUnavailable: without nftables the ingress serves
 // anyway, and the failure is counted.
 func TestControllerGuardUnavailable(t *testing.T) {
-	client := fake.NewClientset()
-	factory := informers.NewSharedInformerFactory(client, 0)
-	src := Sources{
-		Ingresses:      factory.Networking().V1().Ingresses(),
-		IngressClasses: factory.Networking().V1().IngressClasses(),
-		Services:       factory.Core().V1().Services(),
-		EndpointSlices: factory.Discovery().V1().EndpointSlices(),
-		Secrets:        factory.Core().V1().Secrets().Informer(),
-	}
+	factory, src := fakeSources(fake.NewClientset())
 	reg := prometheus.NewRegistry()
 	c, err := New(Config{HTTPAddr: "127.0.0.1:0", RestartGuard: true}, src, reg, testLogger())
 	if err != nil {
@@ -109,15 +100,7 @@ func TestControllerGuardUnavailable(t *testing.T) {
 // TestControllerGuard: a Controller with RestartGuard guards its bound
 // port while it serves and drains it when its context ends.
 func TestControllerGuard(t *testing.T) {
-	client := fake.NewClientset()
-	factory := informers.NewSharedInformerFactory(client, 0)
-	src := Sources{
-		Ingresses:      factory.Networking().V1().Ingresses(),
-		IngressClasses: factory.Networking().V1().IngressClasses(),
-		Services:       factory.Core().V1().Services(),
-		EndpointSlices: factory.Discovery().V1().EndpointSlices(),
-		Secrets:        factory.Core().V1().Secrets().Informer(),
-	}
+	factory, src := fakeSources(fake.NewClientset())
 	c, err := New(Config{HTTPAddr: "127.0.0.1:0", RestartGuard: true, ShutdownGrace: time.Second}, src, prometheus.NewRegistry(), testLogger())
 	if err != nil {
 		t.Fatal(err)
