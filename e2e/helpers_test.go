@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os/exec"
 	"strings"
 	"testing"
@@ -114,6 +116,28 @@ func inNetns(ctx context.Context, netns string, args ...string) (string, error) 
 	name := strings.TrimPrefix(netns, "/run/netns/")
 	out, err := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", name}, args...)...).CombinedOutput()
 	return string(out), err
+}
+
+// readAgentMetrics is the node agent's /metrics text.
+func readAgentMetrics(n *lab.Node) (string, error) {
+	resp, err := (&http.Client{Timeout: 3 * time.Second}).Get(n.HealthURL() + "/metrics")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+// agentMetrics is the node agent's /metrics text; the test fails if it
+// cannot be read.
+func agentMetrics(t *testing.T, n *lab.Node) string {
+	t.Helper()
+	m, err := readAgentMetrics(n)
+	if err != nil {
+		t.Fatalf("metrics of %s: %v", n.Name, err)
+	}
+	return m
 }
 
 func hostport(ip string, port int) string { return net.JoinHostPort(ip, fmt.Sprint(port)) }

@@ -8,7 +8,6 @@ package e2e
 // the cluster, talking to the nodes' addresses on the underlay.
 
 import (
-	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -783,15 +782,8 @@ func ingCreateService(t *testing.T, c *lab.Cluster, svc *corev1.Service) {
 // /metrics.
 func ingMetric(t *testing.T, n *lab.Node, name string) float64 {
 	t.Helper()
-	resp, err := (&http.Client{Timeout: 3 * time.Second}).Get(n.HealthURL() + "/metrics")
-	if err != nil {
-		t.Fatalf("metrics of %s: %v", n.Name, err)
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+	for _, l := range strings.Split(agentMetrics(t, n), "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
 			var f float64
 			if _, err := fmt.Sscan(v, &f); err == nil {
 				return f

@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -113,14 +111,8 @@ func lineIn(path, s string) string {
 // agent (0 before its first count: the sample does not exist yet).
 func skippedMetric(t *testing.T, n *lab.Node, reason string) float64 {
 	t.Helper()
-	resp, err := (&http.Client{Timeout: 3 * time.Second}).Get(n.HealthURL() + "/metrics")
-	if err != nil {
-		t.Fatalf("metrics of %s: %v", n.Name, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
 	prefix := `knit_overlay_peers_skipped_total{reason="` + reason + `"} `
-	for _, l := range strings.Split(string(b), "\n") {
+	for _, l := range strings.Split(agentMetrics(t, n), "\n") {
 		if v, ok := strings.CutPrefix(l, prefix); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {

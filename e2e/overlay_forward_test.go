@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"io"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -48,18 +46,6 @@ func restartAgents(t *testing.T, c *lab.Cluster, extra ...string) {
 			t.Fatal(err)
 		}
 	}
-}
-
-// agentMetrics is the node agent's /metrics text.
-func agentMetrics(t *testing.T, n *lab.Node) string {
-	t.Helper()
-	resp, err := (&http.Client{Timeout: 3 * time.Second}).Get(n.HealthURL() + "/metrics")
-	if err != nil {
-		t.Fatalf("metrics of %s: %v", n.Name, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
 }
 
 // TestOverlayForwardDrop: nodes whose firewall FORWARD policy is DROP (as

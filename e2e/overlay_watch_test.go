@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/http"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -118,22 +117,17 @@ func (w *kernelWatch) stop() []string {
 // overlayKernelChanges is the node agent's knit_overlay_kernel_changes_total,
 // all label sets summed: the netlink (and FORWARD rule) changes it made.
 func overlayKernelChanges(n *lab.Node) (float64, error) {
-	resp, err := (&http.Client{Timeout: 3 * time.Second}).Get(n.HealthURL() + "/metrics")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
+	m, err := readAgentMetrics(n)
 	if err != nil {
 		return 0, err
 	}
 	// The counter has no sample before its first change, so a restarted
 	// agent with nothing to do shows none: check the overlay is there.
-	if !strings.Contains(string(b), "\nknit_overlay_sync_duration_seconds_count ") {
+	if !strings.Contains(m, "\nknit_overlay_sync_duration_seconds_count ") {
 		return 0, fmt.Errorf("no knit_overlay_sync_duration_seconds_count in %s/metrics", n.HealthURL())
 	}
 	sum := 0.0
-	for _, l := range strings.Split(string(b), "\n") {
+	for _, l := range strings.Split(m, "\n") {
 		if !strings.HasPrefix(l, "knit_overlay_kernel_changes_total") {
 			continue
 		}

@@ -1,12 +1,9 @@
 package e2e
 
 import (
-	"io"
-	"net/http"
 	"os"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestProxyBackend checks that every agent's proxy runs the backend the run
@@ -24,16 +21,9 @@ func TestProxyBackend(t *testing.T) {
 	default:
 		want = `backend="` + want + `"`
 	}
-	client := &http.Client{Timeout: 2 * time.Second}
 	for _, n := range c.Nodes {
-		resp, err := client.Get(n.HealthURL() + "/metrics")
-		if err != nil {
-			t.Fatalf("%s: %v", n.Name, err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
 		var line string
-		for _, l := range strings.Split(string(body), "\n") {
+		for _, l := range strings.Split(agentMetrics(t, n), "\n") {
 			if strings.HasPrefix(l, "knit_proxy_backend_info{") {
 				line = l
 			}
