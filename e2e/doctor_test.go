@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/wait"
@@ -92,19 +91,11 @@ func TestDoctor(t *testing.T) {
 	ctx := context.Background()
 	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 
-	createSvc := func(svc *corev1.Service) *corev1.Service {
-		t.Helper()
-		s, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
 	// "doc": two backends on node2 and node3. "doc2": one backend on node2.
 	echoPods(t, c, ns, "doc", n2.Name, n3.Name)
 	doc2 := echoPods(t, c, ns, "doc2", n2.Name)
-	createSvc(labEchoService(ns, "doc"))
-	createSvc(labEchoService(ns, "doc2"))
+	createService(t, c, labEchoService(ns, "doc"))
+	createService(t, c, labEchoService(ns, "doc2"))
 	waitEndpoints(t, c, ns, "doc", 2)
 	waitEndpoints(t, c, ns, "doc2", 1)
 
@@ -162,7 +153,7 @@ func TestDoctor(t *testing.T) {
 
 	t.Run("scaled to zero", func(t *testing.T) {
 		pods := echoPods(t, c, ns, "zero", n3.Name)
-		createSvc(labEchoService(ns, "zero"))
+		createService(t, c, labEchoService(ns, "zero"))
 		waitEndpoints(t, c, ns, "zero", 1)
 		if err := c.Client.CoreV1().Pods(ns).Delete(ctx, pods[0].Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
@@ -184,7 +175,7 @@ func TestDoctor(t *testing.T) {
 		if _, err := c.WaitPodRunning(ctx, ns, pod.Name, false, 90*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		createSvc(labEchoService(ns, "sick"))
+		createService(t, c, labEchoService(ns, "sick"))
 		var rep *doctor.Report
 		var code int
 		// Wait for the kubelet's first failed probe (and its Event).
@@ -204,7 +195,7 @@ func TestDoctor(t *testing.T) {
 		svc.Name = "badname"
 		svc.Spec.Ports = svc.Spec.Ports[:1]
 		svc.Spec.Ports[0].TargetPort = intstr.FromString("htttp")
-		createSvc(svc)
+		createService(t, c, svc)
 		time.Sleep(2 * time.Second) // the EndpointSlice controller has written what it will
 		rep, code := runDoctor(t, c, ns+"/badname", "--from", "node/"+n1.Name)
 		expectVerdict(t, rep, code, doctor.CheckEndpoints, `targetPort "htttp" names no TCP port`, "http 8080/TCP")
@@ -215,7 +206,7 @@ func TestDoctor(t *testing.T) {
 		svc.Name = "wrongport"
 		svc.Spec.Ports = svc.Spec.Ports[:1]
 		svc.Spec.Ports[0].TargetPort = intstr.FromInt32(8088)
-		createSvc(svc)
+		createService(t, c, svc)
 		waitEndpoints(t, c, ns, "wrongport", 2)
 		var rep *doctor.Report
 		var code int
@@ -346,9 +337,7 @@ func TestStatus(t *testing.T) {
 	c := cluster(t)
 	ns := namespace(t, c, "status-e2e")
 	echoPods(t, c, ns, "st", c.Nodes[0].Name)
-	if _, err := c.Client.CoreV1().Services(ns).Create(context.Background(), labEchoService(ns, "st"), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createService(t, c, labEchoService(ns, "st"))
 	waitEndpoints(t, c, ns, "st", 1)
 
 	var view doctor.ClusterView

@@ -76,10 +76,7 @@ func TestFaultAgentRestart(t *testing.T) {
 	client := echoPods(t, c, ns, "frclient", node.Name)[0]
 	svc := lab.EchoService(ns, "fr", "fr")
 	svc.Spec.Type = corev1.ServiceTypeNodePort
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc = createService(t, c, svc)
 	waitEndpoints(t, c, ns, "fr", 3)
 	const host = "restart.faults.example"
 	ingCreate(t, c, ns, "fr", ingRule(host, "/", "fr", "http"))
@@ -146,10 +143,7 @@ func TestFaultAPIServerOutage(t *testing.T) {
 	ctx := context.Background()
 	backends := echoPods(t, c, ns, "fo", c.Nodes[1].Name, c.Nodes[2].Name)
 	client := echoPods(t, c, ns, "foclient", c.Nodes[0].Name)[0]
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "fo", "fo"), metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := createService(t, c, lab.EchoService(ns, "fo", "fo"))
 	waitEndpoints(t, c, ns, "fo", 2)
 	ingCreate(t, c, ns, "fo", ingRule("outage.faults.example", "/", "fo", "http"))
 	vip := svc.Spec.ClusterIP
@@ -214,7 +208,7 @@ func TestFaultAPIServerOutage(t *testing.T) {
 	after := lab.EchoService(ns, "fo-after", "")
 	after.Spec.Selector = nil
 	after.Spec.Ports = []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(echo.HTTPPort), Protocol: corev1.ProtocolTCP}}
-	after, err = c.Client.CoreV1().Services(ns).Create(ctx, after, metav1.CreateOptions{})
+	after, err := c.Client.CoreV1().Services(ns).Create(ctx, after, metav1.CreateOptions{})
 	if err != nil {
 		tr.stop()
 		t.Fatal(err)
@@ -345,10 +339,7 @@ func TestFaultNodeReAdded(t *testing.T) {
 	checkPodPath(t, c, p1, p3, n1)
 	checkPodPath(t, c, p3, p1, n3)
 
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "ranew", "ranew"), metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := createService(t, c, lab.EchoService(ns, "ranew", "ranew"))
 	waitEndpoints(t, c, ns, "ranew", 1)
 	if err := eventually(5*time.Second, func() error {
 		r, err := httpEcho(lab.PodNetns(p1), hostport(svc.Spec.ClusterIP, 80))
@@ -398,10 +389,7 @@ func TestFaultNodeIPChange(t *testing.T) {
 	p3 := echoPods(t, c, ns, "ip3", n3.Name)[0]
 	svc := lab.EchoService(ns, "ip3", "ip3")
 	svc.Spec.Type = corev1.ServiceTypeNodePort
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc = createService(t, c, svc)
 	waitEndpoints(t, c, ns, "ip3", 1)
 	ingCreate(t, c, ns, "ip3", ingRule("nodeip.faults.example", "/", "ip3", "http"))
 	np := int(nodePortOf(t, svc, "http"))
@@ -484,10 +472,7 @@ func TestFaultKillDuringLargeSync(t *testing.T) {
 	n1, n2 := c.Nodes[0], c.Nodes[1]
 	backends := echoPods(t, c, ns, "fs", c.Nodes[1].Name, c.Nodes[2].Name)
 	client := echoPods(t, c, ns, "fsclient", n1.Name)[0]
-	probe, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "fs", "fs"), metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	probe := createService(t, c, lab.EchoService(ns, "fs", "fs"))
 	waitEndpoints(t, c, ns, "fs", 2)
 	estab := &echoConn{netns: lab.PodNetns(client), addr: hostport(probe.Spec.ClusterIP, 9000)}
 	defer estab.close()
@@ -697,9 +682,7 @@ func TestFaultPodChurn(t *testing.T) {
 		}
 		cycles = n
 	}
-	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "churn", "churn"), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createService(t, c, lab.EchoService(ns, "churn", "churn"))
 	fast := fastClient(t, c)
 	const batch = 24 // 8 per node
 	var mu sync.Mutex
@@ -1316,9 +1299,7 @@ func waitControlPlaneCaughtUp(t *testing.T, c *lab.Cluster, ns string, back time
 		}
 		names = append(names, name)
 	}
-	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "catchup", "catchup"), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createService(t, c, lab.EchoService(ns, "catchup", "catchup"))
 	for _, name := range names {
 		if _, err := c.WaitPodRunning(ctx, ns, name, true, 3*time.Minute); err != nil {
 			t.Fatalf("after the outage: %v", err)

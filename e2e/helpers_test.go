@@ -53,6 +53,17 @@ func echoPods(t *testing.T, c *lab.Cluster, ns, app string, nodes ...string) []*
 	return pods
 }
 
+// createService creates svc and returns it as created (with its ClusterIP
+// and node ports).
+func createService(t *testing.T, c *lab.Cluster, svc *corev1.Service) *corev1.Service {
+	t.Helper()
+	s, err := c.Client.CoreV1().Services(svc.Namespace).Create(context.Background(), svc, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // waitEndpoints waits until the Service has n ready endpoints.
 func waitEndpoints(t *testing.T, c *lab.Cluster, ns, svc string, n int) {
 	t.Helper()

@@ -58,7 +58,7 @@ func TestIngressTLS(t *testing.T) {
 	for app, node := range map[string]string{"alpha": c.Nodes[1].Name, "beta": c.Nodes[2].Name} {
 		p := echoPods(t, c, ns, app, node)
 		pods[app] = p[0].Name
-		ingCreateService(t, c, labEchoService(ns, app))
+		createService(t, c, labEchoService(ns, app))
 		waitEndpoints(t, c, ns, app, 1)
 	}
 	ca := newIngTestCA(t)
@@ -188,7 +188,7 @@ func TestIngressWebSocket(t *testing.T) {
 	c := cluster(t)
 	ns := namespace(t, c, "ingress-ws")
 	echoPods(t, c, ns, "ws", c.Nodes[2].Name)
-	ingCreateService(t, c, labEchoService(ns, "ws"))
+	createService(t, c, labEchoService(ns, "ws"))
 	waitEndpoints(t, c, ns, "ws", 1)
 	ingCreate(t, c, ns, "ws", ingRule("ws.example", "/", "ws", "http"))
 
@@ -284,7 +284,7 @@ func TestIngressH2C(t *testing.T) {
 				Protocol: corev1.ProtocolTCP, AppProtocol: &h2c}},
 		},
 	}
-	ingCreateService(t, c, svc)
+	createService(t, c, svc)
 	waitEndpoints(t, c, ns, "grpc", 1)
 	ingCreate(t, c, ns, "h2c", ingRule("h2c.example", "/", "grpc", "h2c"))
 
@@ -421,7 +421,7 @@ func TestIngressStatus(t *testing.T) {
 	c := cluster(t)
 	ctx := context.Background()
 	ns := namespace(t, c, "ingress-status")
-	ingCreateService(t, c, labEchoService(ns, "st"))
+	createService(t, c, labEchoService(ns, "st"))
 	ingCreate(t, c, ns, "status", ingRule("status.example", "/", "st", "http"))
 	var nodeIPs []string
 	for _, n := range c.Nodes {
@@ -502,7 +502,7 @@ func TestIngressChurn(t *testing.T) {
 	pods := map[string]string{}
 	for app, node := range map[string]string{"blue": c.Nodes[1].Name, "green": c.Nodes[2].Name} {
 		pods[echoPods(t, c, ns, app, node)[0].Name] = app
-		ingCreateService(t, c, labEchoService(ns, app))
+		createService(t, c, labEchoService(ns, app))
 		waitEndpoints(t, c, ns, app, 1)
 	}
 	ingCreate(t, c, ns, "churn",
@@ -609,7 +609,7 @@ func TestIngressScaleDown(t *testing.T) {
 		nodes = append(nodes, n.Name)
 	}
 	pods := echoPods(t, c, ns, "scale", nodes...)
-	ingCreateService(t, c, labEchoService(ns, "scale"))
+	createService(t, c, labEchoService(ns, "scale"))
 	waitEndpoints(t, c, ns, "scale", len(pods))
 	ingCreate(t, c, ns, "scale", ingRule("scale.example", "/", "scale", "http"))
 	for _, n := range c.Nodes {
@@ -767,13 +767,6 @@ func ingCreate(t *testing.T, c *lab.Cluster, ns, name string, rules ...networkin
 	t.Helper()
 	ing := &networkingv1.Ingress{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns}, Spec: networkingv1.IngressSpec{Rules: rules}}
 	if _, err := c.Client.NetworkingV1().Ingresses(ns).Create(context.Background(), ing, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func ingCreateService(t *testing.T, c *lab.Cluster, svc *corev1.Service) {
-	t.Helper()
-	if _, err := c.Client.CoreV1().Services(svc.Namespace).Create(context.Background(), svc, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 }

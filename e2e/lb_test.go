@@ -109,23 +109,15 @@ func TestLoadBalancer(t *testing.T) {
 	for _, p := range backends {
 		backendNames[p.Name] = true
 	}
-	create := func(s *corev1.Service) *corev1.Service {
-		t.Helper()
-		s, err := c.Client.CoreV1().Services(ns).Create(ctx, s, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
 	knitClass := new(lb.DefaultClass)
 	// Left alone: another class, and no class (the lab's agents run
 	// without --lb-default-class). Created first, checked last.
-	create(lbService(ns, "other", "lbbe", new("example.com/other"), false, 8100))
-	create(lbService(ns, "noclass", "lbbe", nil, false, 8100))
+	createService(t, c, lbService(ns, "other", "lbbe", new("example.com/other"), false, 8100))
+	createService(t, c, lbService(ns, "noclass", "lbbe", nil, false, 8100))
 
 	t.Run("cluster policy: every node, reachable from outside", func(t *testing.T) {
 		const lbPort = 8110
-		create(lbService(ns, "lbc", "lbbe", knitClass, false, lbPort))
+		createService(t, c, lbService(ns, "lbc", "lbbe", knitClass, false, lbPort))
 		took := waitLBIPs(t, c, ns, "lbc", 15*time.Second, n1, n2, n3)
 		t.Logf("status.loadBalancer written %v after the Service was created", took.Round(time.Millisecond))
 		_, svc, _ := lbIPs(ctx, c, ns, "lbc")
@@ -149,7 +141,7 @@ func TestLoadBalancer(t *testing.T) {
 		}
 		// A newer Service on the same ports gets no address: the ports
 		// on every node address are lbc's.
-		create(lbService(ns, "lbdup", "lbbe", knitClass, false, lbPort))
+		createService(t, c, lbService(ns, "lbdup", "lbbe", knitClass, false, lbPort))
 		if err := eventually(10*time.Second, func() error {
 			ips, svc, err := lbIPs(ctx, c, ns, "lbdup")
 			if err != nil {
@@ -170,7 +162,7 @@ func TestLoadBalancer(t *testing.T) {
 
 	t.Run("local policy: only nodes with endpoints, client address kept", func(t *testing.T) {
 		const lbPort = 8120
-		create(lbService(ns, "lbl", "lbbe", knitClass, true, lbPort))
+		createService(t, c, lbService(ns, "lbl", "lbbe", knitClass, true, lbPort))
 		waitLBIPs(t, c, ns, "lbl", 15*time.Second, n2, n3)
 		for _, n := range []*lab.Node{n2, n3} {
 			var r echo.Reply
@@ -189,7 +181,7 @@ func TestLoadBalancer(t *testing.T) {
 
 	t.Run("local policy follows endpoint moves", func(t *testing.T) {
 		const lbPort = 8130
-		create(lbService(ns, "lbm", "mv", knitClass, true, lbPort))
+		createService(t, c, lbService(ns, "lbm", "mv", knitClass, true, lbPort))
 		first := echoPods(t, c, ns, "mv", n1.Name)[0]
 		waitLBIPs(t, c, ns, "lbm", 15*time.Second, n1)
 		var r echo.Reply
@@ -233,7 +225,7 @@ func TestLoadBalancer(t *testing.T) {
 	t.Run("reserved port refused", func(t *testing.T) {
 		// 22 (SSH) is reserved: taking it on node addresses would cut
 		// the nodes off.
-		create(lbService(ns, "lbssh", "lbbe", knitClass, false, 22))
+		createService(t, c, lbService(ns, "lbssh", "lbbe", knitClass, false, 22))
 		if err := eventually(10*time.Second, func() error {
 			ips, svc, err := lbIPs(ctx, c, ns, "lbssh")
 			if err != nil {
@@ -301,7 +293,7 @@ func TestLoadBalancer(t *testing.T) {
 		t.Logf("lease passed from %s to %s %v after the kill", holder, next, time.Since(start).Round(100*time.Millisecond))
 		// The new writer serves a new Service (status lists every node:
 		// the killed agent's node still forwards with the rules it left).
-		create(lbService(ns, "lbafter", "lbbe", knitClass, false, 8140))
+		createService(t, c, lbService(ns, "lbafter", "lbbe", knitClass, false, 8140))
 		waitLBIPs(t, c, ns, "lbafter", 15*time.Second, n1, n2, n3)
 		if err := old.StartAgent(); err != nil {
 			t.Fatal(err)

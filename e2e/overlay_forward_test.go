@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"knit.dev/knit/lab"
 	"knit.dev/knit/lab/echo"
 )
@@ -61,10 +59,7 @@ func TestOverlayForwardDrop(t *testing.T) {
 	ns := namespace(t, c, "fwd-drop")
 	client := echoPods(t, c, ns, "fwdcli", c.Nodes[0].Name)[0]
 	servers := echoPods(t, c, ns, "fwdsrv", c.Nodes[1].Name, c.Nodes[2].Name)
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "fwdsrv", "fwdsrv"), metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := createService(t, c, lab.EchoService(ns, "fwdsrv", "fwdsrv"))
 	waitEndpoints(t, c, ns, "fwdsrv", 2)
 
 	podToPod := func() error {

@@ -40,10 +40,7 @@ func TestServiceUDPFailover(t *testing.T) {
 	ctx := context.Background()
 	pods := echoPods(t, c, ns, "udp", c.Nodes[1].Name, c.Nodes[2].Name)
 	client := echoPods(t, c, ns, "udpclient", c.Nodes[0].Name)[0]
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "udp", "udp"), metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := createService(t, c, lab.EchoService(ns, "udp", "udp"))
 	waitEndpoints(t, c, ns, "udp", 2)
 	addr := hostport(svc.Spec.ClusterIP, 9001)
 	if err := eventually(5*time.Second, func() error { _, err := udpEcho(lab.PodNetns(client), addr, "x"); return err }); err != nil {
@@ -124,10 +121,7 @@ func TestServiceUDPFirstEndpoint(t *testing.T) {
 	ns := namespace(t, c, "svc-udp-first")
 	ctx := context.Background()
 	client := echoPods(t, c, ns, "udpclient", c.Nodes[0].Name)[0]
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, lab.EchoService(ns, "late", "late"), metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := createService(t, c, lab.EchoService(ns, "late", "late"))
 	time.Sleep(time.Second) // every node programs the Service (reject: no endpoints)
 	u := startUDPStream(t, lab.PodNetns(client), hostport(svc.Spec.ClusterIP, 9001))
 	defer u.stop()
@@ -263,10 +257,7 @@ func TestServiceScaleUnderLoad(t *testing.T) {
 	client := echoPods(t, c, ns, "scclient", c.Nodes[0].Name)[0]
 	s := lab.EchoService(ns, "sc", "sc")
 	s.Spec.Type = corev1.ServiceTypeNodePort
-	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, s, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := createService(t, c, s)
 	waitEndpoints(t, c, ns, "sc", 1)
 	vip := hostport(svc.Spec.ClusterIP, 80)
 	nodePort := hostport(c.Nodes[1].IP, int(svc.Spec.Ports[0].NodePort))
