@@ -278,7 +278,7 @@ func BenchmarkDNS(b *testing.B) {
 	}
 	b.StopTimer()
 	for _, s := range servers {
-		s.mem = dnsMemory(s.pid())
+		s.mem = procMemory(s.pid())
 	}
 
 	table := dnsReport(b, runs, servers, rounds, secs)
@@ -830,25 +830,6 @@ func dnsRcvbuf(pid int, addr netip.AddrPort) (int, error) {
 		return err
 	})
 	return size, err
-}
-
-// dnsMemory returns the memory fields of /proc/<pid>/status (VmRSS,
-// VmHWM = peak RSS, RssAnon, RssFile) in bytes.
-func dnsMemory(pid int) map[string]int64 {
-	out := map[string]int64{}
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return out
-	}
-	for line := range strings.Lines(string(data)) {
-		key, val, _ := strings.Cut(line, ":")
-		switch key {
-		case "VmRSS", "VmHWM", "RssAnon", "RssFile":
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(val), " kB"), 10, 64)
-			out[key] = kb << 10
-		}
-	}
-	return out
 }
 
 func dnsLoadAvg() string {

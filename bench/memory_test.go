@@ -370,7 +370,7 @@ func (s *memSetup) run(ctx context.Context, b *testing.B, procs []*memProc, want
 	samples := make([][]int64, len(procs))
 	for range memSamples {
 		for i, p := range procs {
-			samples[i] = append(samples[i], memStatus(p.pid())["VmRSS"])
+			samples[i] = append(samples[i], procMemory(p.pid())["VmRSS"])
 		}
 		time.Sleep(memSampleEvery)
 	}
@@ -378,7 +378,7 @@ func (s *memSetup) run(ctx context.Context, b *testing.B, procs []*memProc, want
 		r := pick(p)
 		slices.Sort(samples[i])
 		r.rss, r.rssMax = samples[i][len(samples[i])/2], samples[i][len(samples[i])-1]
-		st := memStatus(p.pid())
+		st := procMemory(p.pid())
 		r.hwm, r.anon, r.file = st["VmHWM"], st["RssAnon"], st["RssFile"]
 		r.cpuEnd, _ = procCPU(p.pid())
 		r.text, r.rodata, r.data = memBinaryResident(p.pid())
@@ -848,9 +848,6 @@ func memWaitMap(ctx context.Context, n *lab.Node, family, table, name string, wa
 	}
 	return nil
 }
-
-// memStatus returns the memory fields of /proc/<pid>/status in bytes.
-func memStatus(pid int) map[string]int64 { return dnsMemory(pid) }
 
 // memBinaryResident returns the resident bytes of the process's own
 // binary's mappings by permission: r-x (code), r-- (read-only data: type

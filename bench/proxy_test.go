@@ -546,19 +546,7 @@ func proxyIptablesCount(ctx context.Context, n *lab.Node) (int, error) {
 }
 
 // proxyRSS is VmRSS of pid in KiB.
-func proxyRSS(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			v, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
-			return v
-		}
-	}
-	return 0
-}
+func proxyRSS(pid int) int64 { return procMemory(pid)["VmRSS"] >> 10 }
 
 // proxyMonitor follows `nft monitor new <what>` in a node's netns and
 // remembers when each line that keep accepts was first seen.

@@ -101,6 +101,25 @@ func benchLab(ctx context.Context, b *testing.B, name string, opts lab.Options) 
 	return cl, cpBin, dir
 }
 
+// procMemory returns the memory fields of /proc/<pid>/status (VmRSS,
+// VmHWM = peak RSS, RssAnon, RssFile) in bytes.
+func procMemory(pid int) map[string]int64 {
+	out := map[string]int64{}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return out
+	}
+	for line := range strings.Lines(string(data)) {
+		key, val, _ := strings.Cut(line, ":")
+		switch key {
+		case "VmRSS", "VmHWM", "RssAnon", "RssFile":
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(val), " kB"), 10, 64)
+			out[key] = kb << 10
+		}
+	}
+	return out
+}
+
 // writerClient is an API client for writing a benchmark's thousands of
 // objects: protobuf, and a rate limit far above client-go's default.
 func writerClient(b *testing.B, cl *lab.Cluster) kubernetes.Interface {
