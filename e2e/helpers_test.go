@@ -78,8 +78,14 @@ func waitEndpoints(t *testing.T, c *lab.Cluster, ns, svc string, n int) {
 
 // httpEcho does GET http://hostport/ from the given netns.
 func httpEcho(netns, hostport string) (echo.Reply, error) {
+	return httpEchoWith(lab.HTTPClientFrom(netns, 3*time.Second), hostport)
+}
+
+// httpEchoWith does GET http://hostport/ with hc (a client kept across
+// requests); any status but 200 is an error.
+func httpEchoWith(hc *http.Client, hostport string) (echo.Reply, error) {
 	var r echo.Reply
-	resp, err := lab.HTTPClientFrom(netns, 3*time.Second).Get("http://" + hostport + "/")
+	resp, err := hc.Get("http://" + hostport + "/")
 	if err != nil {
 		return r, err
 	}

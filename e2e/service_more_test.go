@@ -9,11 +9,9 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -25,7 +23,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"knit.dev/knit/lab"
-	"knit.dev/knit/lab/echo"
 )
 
 // TestServiceUDPFailover: a UDP client keeps one socket (one conntrack
@@ -290,7 +287,7 @@ func TestServiceScaleUnderLoad(t *testing.T) {
 					return
 				default:
 				}
-				r, err := getEcho(hc, cl.addr)
+				r, err := httpEchoWith(hc, cl.addr)
 				mu.Lock()
 				if err != nil {
 					failed.Add(1)
@@ -299,7 +296,7 @@ func TestServiceScaleUnderLoad(t *testing.T) {
 					}
 				} else {
 					ok.Add(1)
-					seen[r] = true
+					seen[r.Pod] = true
 				}
 				mu.Unlock()
 				time.Sleep(5 * time.Millisecond)
@@ -351,21 +348,4 @@ func TestServiceScaleUnderLoad(t *testing.T) {
 	if len(seen) < 3 || !seen[first.Name] {
 		t.Errorf("answered by %v: the added endpoints never got traffic", seen)
 	}
-}
-
-// getEcho does one GET with hc and returns the answering pod's name.
-func getEcho(hc *http.Client, addr string) (string, error) {
-	resp, err := hc.Get("http://" + addr + "/")
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("status %d", resp.StatusCode)
-	}
-	var r echo.Reply
-	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-		return "", err
-	}
-	return r.Pod, nil
 }
