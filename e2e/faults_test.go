@@ -57,9 +57,6 @@ import (
 	"knit.dev/knit/overlay"
 )
 
-// outsideNetns is the sandbox root: a client outside the cluster.
-const outsideNetns = "/proc/self/ns/net"
-
 // TestFaultAgentRestart restarts node1's agent twice while five flows run
 // against node1: a pod on node1 to a ClusterIP, an outside client to a
 // NodePort of node1 and to node1's ingress (a new connection per request,

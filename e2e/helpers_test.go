@@ -20,6 +20,9 @@ import (
 	"knit.dev/knit/lab/echo"
 )
 
+// outsideNetns is the sandbox root: a client outside the cluster.
+const outsideNetns = "/proc/self/ns/net"
+
 // namespace creates a fresh namespace for one test.
 func namespace(t *testing.T, c *lab.Cluster, name string) string {
 	t.Helper()

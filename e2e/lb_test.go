@@ -128,14 +128,14 @@ func TestLoadBalancer(t *testing.T) {
 			var r echo.Reply
 			if err := eventually(5*time.Second, func() error {
 				var err error
-				r, err = httpEcho("/proc/self/ns/net", hostport(n.IP, lbPort))
+				r, err = httpEcho(outsideNetns, hostport(n.IP, lbPort))
 				return err
 			}); err != nil || !backendNames[r.Pod] {
 				t.Errorf("outside -> %s:%d: %+v %v", n.IP, lbPort, r, err)
 			}
 		}
 		// UDP too, through the same addresses.
-		got, err := udpEcho("/proc/self/ns/net", hostport(n1.IP, lbPort+2), "ping")
+		got, err := udpEcho(outsideNetns, hostport(n1.IP, lbPort+2), "ping")
 		if err != nil || !strings.HasSuffix(got, " ping") {
 			t.Errorf("outside -> %s:%d/udp: %q %v", n1.IP, lbPort+2, got, err)
 		}
@@ -168,7 +168,7 @@ func TestLoadBalancer(t *testing.T) {
 			var r echo.Reply
 			if err := eventually(5*time.Second, func() error {
 				var err error
-				r, err = httpEcho("/proc/self/ns/net", hostport(n.IP, lbPort))
+				r, err = httpEcho(outsideNetns, hostport(n.IP, lbPort))
 				return err
 			}); err != nil {
 				t.Fatalf("outside -> %s:%d: %v", n.IP, lbPort, err)
@@ -187,7 +187,7 @@ func TestLoadBalancer(t *testing.T) {
 		var r echo.Reply
 		if err := eventually(5*time.Second, func() error {
 			var err error
-			r, err = httpEcho("/proc/self/ns/net", hostport(n1.IP, lbPort))
+			r, err = httpEcho(outsideNetns, hostport(n1.IP, lbPort))
 			return err
 		}); err != nil || r.Pod != first.Name || !strings.HasPrefix(r.Client, lab.UnderlayGateway+":") {
 			t.Errorf("outside -> node1: %+v %v; want %s seeing %s", r, err, first.Name, lab.UnderlayGateway)
@@ -210,14 +210,14 @@ func TestLoadBalancer(t *testing.T) {
 		t.Logf("node1 unlisted %v after its pod was deleted", took.Round(time.Millisecond))
 		if err := eventually(5*time.Second, func() error {
 			var err error
-			r, err = httpEcho("/proc/self/ns/net", hostport(n3.IP, lbPort))
+			r, err = httpEcho(outsideNetns, hostport(n3.IP, lbPort))
 			return err
 		}); err != nil || r.Node != n3.Name {
 			t.Errorf("outside -> node3 after the move: %+v %v", r, err)
 		}
 		// node1 is no longer an address of the Service: nothing answers
 		// there (that port has no rule and no listener).
-		if r, err := httpEcho("/proc/self/ns/net", hostport(n1.IP, lbPort)); err == nil {
+		if r, err := httpEcho(outsideNetns, hostport(n1.IP, lbPort)); err == nil {
 			t.Errorf("outside -> node1 after the move answered: %+v", r)
 		}
 	})

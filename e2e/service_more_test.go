@@ -261,7 +261,7 @@ func TestServiceScaleUnderLoad(t *testing.T) {
 	clients := []struct{ name, netns, addr string }{
 		{"pod on node1 -> ClusterIP", lab.PodNetns(client), vip},
 		{"node3 -> ClusterIP", c.Nodes[2].Netns(), vip},
-		{"outside -> NodePort on node2", "/proc/self/ns/net", nodePort},
+		{"outside -> NodePort on node2", outsideNetns, nodePort},
 	}
 	for _, cl := range clients {
 		if err := eventually(5*time.Second, func() error { _, err := httpEcho(cl.netns, cl.addr); return err }); err != nil {
