@@ -29,13 +29,8 @@ func restartAgents(t *testing.T, c *lab.Cluster, extra ...string) {
 	t.Helper()
 	for _, n := range c.Nodes {
 		n.StopAgent()
-		var err error
-		if len(extra) > 0 {
-			err = n.StartAgentWith(extra...)
-		} else {
-			err = n.StartAgent()
-		}
-		if err != nil {
+		// With no extra flags, StartAgentWith is StartAgent.
+		if err := n.StartAgentWith(extra...); err != nil {
 			t.Fatal(err)
 		}
 	}
