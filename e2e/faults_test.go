@@ -538,7 +538,7 @@ func TestFaultKillDuringLargeSync(t *testing.T) {
 
 	// Kill 2: during the first full sync after a start, which programs all
 	// of them at once.
-	logPath := filepath.Join(n1.Dir, "agent.log")
+	logPath := agentLog(n1)
 	marks := countInFile(logPath, "informers synced, starting sync loop")
 	if err := n1.StartAgent(); err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -159,6 +160,9 @@ func agentMetrics(t *testing.T, n *lab.Node) string {
 	}
 	return m
 }
+
+// agentLog is the path of the node agent's log.
+func agentLog(n *lab.Node) string { return filepath.Join(n.Dir, "agent.log") }
 
 func hostport(ip string, port int) string { return net.JoinHostPort(ip, fmt.Sprint(port)) }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -92,9 +91,6 @@ func TestOverlayBadPeer(t *testing.T) {
 		t.Errorf("agent PIDs changed: %v -> %v", pids, now)
 	}
 }
-
-// agentLog is the path of the node agent's log.
-func agentLog(n *lab.Node) string { return filepath.Join(n.Dir, "agent.log") }
 
 // lineIn is the first line of the file containing s.
 func lineIn(path, s string) string {
