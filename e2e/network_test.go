@@ -103,11 +103,7 @@ func TestCrossNode(t *testing.T) {
 	// CNI plugin.
 	for _, p := range pods {
 		n := c.Node(p.Spec.NodeName)
-		out, err := n.Exec(ctx, "ip", "-o", "link", "show", "dev", "eth0")
-		if err != nil {
-			t.Fatalf("%s: %v: %s", n.Name, err, out)
-		}
-		underlay := mtuField(t, out)
+		underlay := underlayMTU(t, n)
 		if got := podMTU(t, p); got != underlay-50 {
 			t.Errorf("pod %s on %s has MTU %d, want %d (underlay eth0 %d less 50)", p.Name, n.Name, got, underlay-50, underlay)
 		}
@@ -171,6 +167,17 @@ func podMTU(t *testing.T, p *corev1.Pod) int {
 	out, err := inNetns(context.Background(), lab.PodNetns(p), "ip", "-o", "link", "show", "dev", "eth0")
 	if err != nil {
 		t.Fatalf("%v: %s", err, out)
+	}
+	return mtuField(t, out)
+}
+
+// underlayMTU reads the MTU of the node's underlay interface (eth0 in its
+// netns, the one holding the node IP).
+func underlayMTU(t *testing.T, n *lab.Node) int {
+	t.Helper()
+	out, err := n.Exec(context.Background(), "ip", "-o", "link", "show", "dev", "eth0")
+	if err != nil {
+		t.Fatalf("%s: %v: %s", n.Name, err, out)
 	}
 	return mtuField(t, out)
 }

@@ -49,11 +49,7 @@ func TestOverlayDirect(t *testing.T) {
 	pods := echoPods(t, c, ns, "d", n1.Name, n2.Name)
 	// No encapsulation: pods get the underlay interface's whole MTU.
 	for i, n := range []*lab.Node{n1, n2} {
-		out, err := n.Exec(ctx, "ip", "-o", "link", "show", "dev", "eth0")
-		if err != nil {
-			t.Fatalf("%s: %v: %s", n.Name, err, out)
-		}
-		if got, want := podMTU(t, pods[i]), mtuField(t, out); got != want {
+		if got, want := podMTU(t, pods[i]), underlayMTU(t, n); got != want {
 			t.Errorf("pod on %s: MTU %d with the direct backend, want the underlay's %d", n.Name, got, want)
 		}
 	}
