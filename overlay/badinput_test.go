@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/knftables"
 
@@ -46,11 +47,7 @@ func TestOverlaySkipsBadPeers(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			logs := &testkit.SyncBuffer{}
-			log := slog.New(slog.NewTextHandler(logs, nil))
-			h := startHarnessLog(t, testConfig(t, BackendVXLAN), newFixture().k,
-				knftables.NewFake(knftables.InetFamily, nftTable), nil, log, self("10.42.1.0/24", "198.18.0.1"), peer2)
-			h.eventually("ready", h.o.Ready)
+			h, logs := startBadInputHarness(t)
 			h.eventually("n2 routed", h.hasState("route 10.42.2.0/24 via 10.42.2.0 dev knit-vx4"))
 			without := h.k.state()
 
@@ -90,14 +87,7 @@ func TestOverlaySkipsBadPeers(t *testing.T) {
 			}
 
 			// Fixed: routed, and said so.
-			fixed, err := h.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			fixed.Spec, fixed.Annotations = good.Spec, good.Annotations
-			if _, err := h.client.CoreV1().Nodes().Update(ctx, fixed, metav1.UpdateOptions{}); err != nil {
-				t.Fatal(err)
-			}
+			h.updateNode(name, func(n *corev1.Node) { n.Spec, n.Annotations = good.Spec, good.Annotations })
 			h.eventually("fixed peer routed", h.hasState("route 10.42.5.0/24 via 10.42.5.0 dev knit-vx4"))
 			h.eventually("log says so", func() bool {
 				return strings.Contains(logs.String(), `msg="peer no longer skipped" peer=`+name+"/")
@@ -125,11 +115,7 @@ func TestOverlayJoiningPeer(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			logs := &testkit.SyncBuffer{}
-			log := slog.New(slog.NewTextHandler(logs, nil))
-			h := startHarnessLog(t, testConfig(t, BackendVXLAN), newFixture().k,
-				knftables.NewFake(knftables.InetFamily, nftTable), nil, log, self("10.42.1.0/24", "198.18.0.1"), peer2)
-			h.eventually("ready", h.o.Ready)
+			h, logs := startBadInputHarness(t)
 			good := knitNode("peer5", 5, []string{"10.42.5.0/24"}, []string{"198.18.0.5"})
 			bare := good.DeepCopy()
 			withoutAnnotations()(bare)
@@ -146,19 +132,37 @@ func TestOverlayJoiningPeer(t *testing.T) {
 				t.Fatalf("age %v: counted %v, warned %v, info %v; want counted and warned %v\n%s", tt.age, skipped, warned, informed, tt.counted, logs.String())
 			}
 			// Its agent publishes: routed.
-			cur, err := h.client.CoreV1().Nodes().Get(ctx, "peer5", metav1.GetOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			cur.Annotations = good.Annotations
-			if _, err := h.client.CoreV1().Nodes().Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
-				t.Fatal(err)
-			}
+			h.updateNode("peer5", func(n *corev1.Node) { n.Annotations = good.Annotations })
 			h.eventually("routed once announced", h.hasState("route 10.42.5.0/24 via 10.42.5.0 dev knit-vx4"))
 			if !tt.counted && strings.Contains(logs.String(), "level=WARN") {
 				t.Errorf("a joining node caused a warning:\n%s", logs.String())
 			}
 		})
+	}
+}
+
+// startBadInputHarness starts a VXLAN overlay of this node (10.42.1.0/24)
+// and peer2, ready, whose log the test reads.
+func startBadInputHarness(t *testing.T) (*harness, *testkit.SyncBuffer) {
+	t.Helper()
+	logs := &testkit.SyncBuffer{}
+	h := startHarnessLog(t, testConfig(t, BackendVXLAN), newFixture().k, knftables.NewFake(knftables.InetFamily, nftTable),
+		nil, slog.New(slog.NewTextHandler(logs, nil)), self("10.42.1.0/24", "198.18.0.1"), peer2)
+	h.eventually("ready", h.o.Ready)
+	return h, logs
+}
+
+// updateNode changes the named Node through the API.
+func (h *harness) updateNode(name string, change func(*corev1.Node)) {
+	h.t.Helper()
+	ctx := context.Background()
+	n, err := h.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	change(n)
+	if _, err := h.client.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		h.t.Fatal(err)
 	}
 }
 
