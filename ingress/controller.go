@@ -197,19 +197,16 @@ func (c *Controller) openGuard(ctx context.Context) *restartguard.Guard {
 		return nil
 	}
 	nft, err := c.newNFT()
-	if err != nil {
-		c.m.guardErrors.WithLabelValues("install").Inc()
-		c.log.Warn("ingress restart guard unavailable: new connections are refused while the agent restarts", "err", err)
-		return nil
+	if err == nil {
+		g := restartguard.New(nft, guardSpec, c.log, guardAddrs(c.HTTPAddr(), c.HTTPSAddr()))
+		if err = g.Install(ctx); err == nil {
+			c.log.Info("ingress restart guard installed", "guard", g.String())
+			return g
+		}
 	}
-	g := restartguard.New(nft, guardSpec, c.log, guardAddrs(c.HTTPAddr(), c.HTTPSAddr()))
-	if err := g.Install(ctx); err != nil {
-		c.m.guardErrors.WithLabelValues("install").Inc()
-		c.log.Warn("ingress restart guard not installed: new connections are refused while the agent restarts", "err", err)
-		return nil
-	}
-	c.log.Info("ingress restart guard installed", "guard", g.String())
-	return g
+	c.m.guardErrors.WithLabelValues("install").Inc()
+	c.log.Warn("ingress restart guard not installed: new connections are refused while the agent restarts", "err", err)
+	return nil
 }
 
 // refreshGuard keeps the guard's ports from timing out while serving.
