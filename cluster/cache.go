@@ -136,10 +136,13 @@ const lastApplied = "kubectl.kubernetes.io/last-applied-configuration"
 // / 1,000 Pods in 64 MiB for the whole agent; docs/benchmarks.md, Memory).
 //
 // An object that a component writes back whole must keep everything the
-// API server would take from the write: the ingress updates Ingress status
-// with UpdateStatus of a copy of the cached object, and a write through a
-// built-in type's /status stores its metadata too, so Ingresses only lose
-// managedFields (which an update leaves unchanged when it omits them).
+// API server would take from the write: a write through a built-in type's
+// /status stores its metadata too. Ingresses only lose managedFields
+// (which an update leaves unchanged when it omits them). The ingress no
+// longer writes a cached Ingress back (it sends a merge patch of
+// status.loadBalancer: ingress/status.go, setStatus), so this keeps the
+// last-applied annotation safe should an UpdateStatus of a cached copy
+// come back, at the cost of caching that annotation.
 func Slim(obj any) (any, error) {
 	if ing, ok := obj.(*networkingv1.Ingress); ok {
 		ing.ManagedFields = nil
