@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"sort"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -67,18 +68,10 @@ func snapshot(loc localNode, rd *rendered, nodes []*corev1.Node) *status.Overlay
 		}
 		if r := skipped[n.Name]; len(r) > 0 {
 			sort.Strings(r)
-			p.Skipped = joinReasons(r)
+			p.Skipped = strings.Join(r, ", ")
 		}
 		st.Peers = append(st.Peers, p)
 	}
 	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Node < st.Peers[j].Node })
 	return st
-}
-
-func joinReasons(r []string) string {
-	out := r[0]
-	for _, s := range r[1:] {
-		out += ", " + s
-	}
-	return out
 }
