@@ -65,16 +65,15 @@ type Overlay struct {
 	mtu     atomic.Int64
 
 	// For Status: the outcome of each sync and what the last one rendered.
-	syncRec       status.SyncRecorder
-	snap          atomic.Pointer[status.Overlay]
-	waitingStatus atomic.Pointer[string]
-	blocked       atomic.Pointer[[]string] // native nftables forward drops, for Status
+	syncRec status.SyncRecorder
+	snap    atomic.Pointer[status.Overlay]
+	waiting atomic.Pointer[string]   // why the last sync could not render, "" if it could; written by the sync loop
+	blocked atomic.Pointer[[]string] // native nftables forward drops, for Status
 
 	// Owned by the sync loop.
-	masq    masq
-	fwd     *forward
-	skips   map[string]string // "peer/family" -> reason last reported
-	waiting string            // why the last sync could not render, "" if it could
+	masq  masq
+	fwd   *forward
+	skips map[string]string // "peer/family" -> reason last reported
 }
 
 // New builds the overlay and registers its Node event handler; it touches
@@ -106,7 +105,7 @@ func New(cfg Config, src Sources, reg prometheus.Registerer, log *slog.Logger) (
 		skips:   map[string]string{},
 		fwd:     newForward(log),
 	}
-	o.waitingStatus.Store(new(string))
+	o.waiting.Store(new(string))
 	inf := src.Nodes.Informer()
 	o.synced = inf.HasSynced
 	_, err = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -251,15 +250,15 @@ func (o *Overlay) Run(ctx context.Context) error {
 func (o *Overlay) sync(ctx context.Context, r *reconciler, full bool) error {
 	loc, wait := o.localNode()
 	if wait != "" {
-		if wait != o.waiting {
+		if wait != *o.waiting.Load() {
 			o.log.Info("overlay waiting", "for", wait)
+			o.waiting.Store(&wait)
 		}
-		o.waiting = wait
-		o.waitingStatus.Store(&wait)
 		return nil
 	}
-	o.waiting = ""
-	o.waitingStatus.Store(new(string))
+	if *o.waiting.Load() != "" {
+		o.waiting.Store(new(string))
+	}
 
 	ips := []netip.Addr{o.cfg.NodeIP}
 	if !o.cfg.NodeIP.IsValid() {

@@ -22,9 +22,7 @@ func (o *Overlay) Status() *status.Overlay {
 		s.Sync, s.Backend, s.VNI, s.Port = st.Sync, st.Backend, st.VNI, st.Port
 		st = &s
 	}
-	if w := o.waitingStatus.Load(); w != nil {
-		st.Waiting = *w
-	}
+	st.Waiting = *o.waiting.Load()
 	if b := o.blocked.Load(); b != nil {
 		st.ForwardBlocked = *b
 	}
