@@ -546,7 +546,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 
 	// Fake nodes: Node objects with an address and a podCIDR, no netns.
 	cidrs := make([]netip.Prefix, memFakeNodes)
-	if err := memParallel(memFakeNodes, memWriters, func(j int) error {
+	if err := parallel(memFakeNodes, memWriters, func(j int) error {
 		c, err := s.fakeNode(ctx, j)
 		cidrs[j] = c
 		return err
@@ -566,7 +566,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 		j = (j + 1) % memFakeNodes
 	}
 	uids := make([]string, memPods)
-	if err := memParallel(memPods, memWriters, func(p int) error {
+	if err := parallel(memPods, memWriters, func(p int) error {
 		if memReal(p) {
 			got, err := s.client.CoreV1().Pods(memNamespace(p)).Get(ctx, memPod(p), metav1.GetOptions{})
 			if err == nil {
@@ -581,7 +581,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 		return err
 	}
 
-	if err := memParallel(memServices, memWriters, func(i int) error {
+	if err := parallel(memServices, memWriters, func(i int) error {
 		ns, name := memNamespace(i), memService(i)
 		svc := &corev1.Service{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": name, "tier": "backend"}},
@@ -621,7 +621,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 		return err
 	}
 
-	return memParallel(memIngresses, memWriters, func(i int) error {
+	return parallel(memIngresses, memWriters, func(i int) error {
 		ns, host := memNamespace(i), memHost(i)
 		ing := &networkingv1.Ingress{
 			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("ing-%03d", i), Namespace: ns},
@@ -798,40 +798,6 @@ func memTLSSecret(ns, name, host string) (*corev1.Secret, error) {
 			corev1.TLSPrivateKeyKey: pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
 		},
 	}, nil
-}
-
-// memParallel runs f(0..n-1) on workers goroutines and returns the first
-// error.
-func memParallel(n, workers int, f func(i int) error) error {
-	idx := make(chan int)
-	errs := make(chan error, workers)
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Go(func() {
-			for i := range idx {
-				if err := f(i); err != nil {
-					errs <- err
-					return
-				}
-			}
-		})
-	}
-	var err error
-	for i := 0; i < n && err == nil; i++ {
-		select {
-		case idx <- i:
-		case err = <-errs:
-		}
-	}
-	close(idx)
-	wg.Wait()
-	if err == nil {
-		select {
-		case err = <-errs:
-		default:
-		}
-	}
-	return err
 }
 
 // memWaitMap waits until an nftables map of the node holds at least want

@@ -64,7 +64,7 @@ func BenchmarkProxyIPTables(b *testing.B) {
 	}
 	b.ResetTimer()
 	t0 := time.Now()
-	if err := proxyIPTWrite(ctx, client, n); err != nil {
+	if err := proxyWriteAll(ctx, client, n); err != nil {
 		b.Fatal(err)
 	}
 	written := time.Since(t0)
@@ -137,41 +137,6 @@ func BenchmarkProxyIPTables(b *testing.B) {
 	if err := os.WriteFile(filepath.Join(dir, "results.txt"), []byte(table), 0o644); err != nil {
 		b.Error(err)
 	}
-}
-
-// proxyIPTWrite writes n Services with their slices (proxyCreate), with
-// proxyWriters concurrent writers.
-func proxyIPTWrite(ctx context.Context, client kubernetes.Interface, n int) error {
-	idx := make(chan int)
-	var (
-		mu    sync.Mutex
-		first error
-		wg    sync.WaitGroup
-	)
-	for range proxyWriters {
-		wg.Go(func() {
-			for i := range idx {
-				if _, err := proxyCreate(ctx, client, fmt.Sprintf("svc-%05d", i), i); err != nil {
-					mu.Lock()
-					first = cmpErr(first, err)
-					mu.Unlock()
-				}
-			}
-		})
-	}
-	for i := range n {
-		idx <- i
-	}
-	close(idx)
-	wg.Wait()
-	return first
-}
-
-func cmpErr(a, b error) error {
-	if a != nil {
-		return a
-	}
-	return b
 }
 
 // proxyIPTCount is the number of Service jumps in a services chain of the

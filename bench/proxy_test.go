@@ -175,7 +175,7 @@ func BenchmarkProxy(b *testing.B) {
 
 	b.ResetTimer()
 	t0 := time.Now()
-	if err := proxyWriteAll(ctx, client); err != nil {
+	if err := proxyWriteAll(ctx, client, proxyServices); err != nil {
 		b.Fatal(err)
 	}
 	written := time.Since(t0)
@@ -246,41 +246,15 @@ func BenchmarkProxy(b *testing.B) {
 	}
 }
 
-// proxyWriteAll writes the Services and their EndpointSlices with
+// proxyWriteAll writes n Services and their EndpointSlices with
 // proxyWriters concurrent writers. The Services have no selector: the
 // endpointslice controller would otherwise write an empty slice of its own
 // for each (10,000 writes neither proxy uses, racing the measurement).
-func proxyWriteAll(ctx context.Context, client kubernetes.Interface) error {
-	idx := make(chan int)
-	errs := make(chan error, proxyWriters)
-	var wg sync.WaitGroup
-	for range proxyWriters {
-		wg.Go(func() {
-			for i := range idx {
-				if _, err := proxyCreate(ctx, client, fmt.Sprintf("svc-%05d", i), i); err != nil {
-					errs <- err
-					return
-				}
-			}
-		})
-	}
-	for i := range proxyServices {
-		select {
-		case idx <- i:
-		case err := <-errs:
-			close(idx)
-			wg.Wait()
-			return err
-		}
-	}
-	close(idx)
-	wg.Wait()
-	select {
-	case err := <-errs:
+func proxyWriteAll(ctx context.Context, client kubernetes.Interface, n int) error {
+	return parallel(n, proxyWriters, func(i int) error {
+		_, err := proxyCreate(ctx, client, fmt.Sprintf("svc-%05d", i), i)
 		return err
-	default:
-		return nil
-	}
+	})
 }
 
 // proxyCreate writes Service name (port 80) and its slice of proxyEndpoints

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -118,6 +119,40 @@ func procMemory(pid int) map[string]int64 {
 		}
 	}
 	return out
+}
+
+// parallel runs f(0..n-1) on workers goroutines and returns the first
+// error.
+func parallel(n, workers int, f func(i int) error) error {
+	idx := make(chan int)
+	errs := make(chan error, workers)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for i := range idx {
+				if err := f(i); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	var err error
+	for i := 0; i < n && err == nil; i++ {
+		select {
+		case idx <- i:
+		case err = <-errs:
+		}
+	}
+	close(idx)
+	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errs:
+		default:
+		}
+	}
+	return err
 }
 
 // writerClient is an API client for writing a benchmark's thousands of
