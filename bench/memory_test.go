@@ -546,7 +546,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 
 	// Fake nodes: Node objects with an address and a podCIDR, no netns.
 	cidrs := make([]netip.Prefix, memFakeNodes)
-	if err := parallel(memFakeNodes, memWriters, func(j int) error {
+	if err := parallel(memWriters, memFakeNodes, func(j int) error {
 		c, err := s.fakeNode(ctx, j)
 		cidrs[j] = c
 		return err
@@ -566,7 +566,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 		j = (j + 1) % memFakeNodes
 	}
 	uids := make([]string, memPods)
-	if err := parallel(memPods, memWriters, func(p int) error {
+	if err := parallel(memWriters, memPods, func(p int) error {
 		if memReal(p) {
 			got, err := s.client.CoreV1().Pods(memNamespace(p)).Get(ctx, memPod(p), metav1.GetOptions{})
 			if err == nil {
@@ -581,7 +581,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 		return err
 	}
 
-	if err := parallel(memServices, memWriters, func(i int) error {
+	if err := parallel(memWriters, memServices, func(i int) error {
 		ns, name := memNamespace(i), memService(i)
 		svc := &corev1.Service{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": name, "tier": "backend"}},
@@ -621,7 +621,7 @@ func (s *memSetup) createLoad(ctx context.Context) error {
 		return err
 	}
 
-	return parallel(memIngresses, memWriters, func(i int) error {
+	return parallel(memWriters, memIngresses, func(i int) error {
 		ns, host := memNamespace(i), memHost(i)
 		ing := &networkingv1.Ingress{
 			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("ing-%03d", i), Namespace: ns},

@@ -251,7 +251,7 @@ func BenchmarkProxy(b *testing.B) {
 // endpointslice controller would otherwise write an empty slice of its own
 // for each (10,000 writes neither proxy uses, racing the measurement).
 func proxyWriteAll(ctx context.Context, client kubernetes.Interface, n int) error {
-	return parallel(n, proxyWriters, func(i int) error {
+	return parallel(proxyWriters, n, func(i int) error {
 		_, err := proxyCreate(ctx, client, fmt.Sprintf("svc-%05d", i), i)
 		return err
 	})

@@ -123,7 +123,7 @@ func procMemory(pid int) map[string]int64 {
 
 // parallel runs f(0..n-1) on workers goroutines and returns the first
 // error.
-func parallel(n, workers int, f func(i int) error) error {
+func parallel(workers, n int, f func(i int) error) error {
 	idx := make(chan int)
 	errs := make(chan error, workers)
 	var wg sync.WaitGroup
