@@ -46,13 +46,14 @@ func TestOverlayBadPeer(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			bad := phantomPeer("bad-"+tt.name, podCIDR, ip, mac)
+			want := `level=WARN msg="skipping peer" component=overlay peer=` + bad.Name + " "
 			before := map[string]float64{}
 			logged := map[string]int{} // the log may hold an earlier run's
 			for _, n := range c.Nodes {
 				before[n.Name] = skippedMetric(t, n, tt.reason)
-				logged[n.Name] = countInFile(agentLog(n), "peer=bad-"+tt.name+" ")
+				logged[n.Name] = countInFile(agentLog(n), want)
 			}
-			bad := phantomPeer("bad-"+tt.name, podCIDR, ip, mac)
 			tt.mutate(bad)
 			if _, err := c.Client.CoreV1().Nodes().Create(ctx, bad, metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
@@ -72,7 +73,6 @@ func TestOverlayBadPeer(t *testing.T) {
 					t.Errorf("%s: %v", n.Name, err)
 				}
 				log := agentLog(n)
-				want := `level=WARN msg="skipping peer" component=overlay peer=` + bad.Name + " "
 				if got := countInFile(log, want) - logged[n.Name]; got != 1 {
 					t.Errorf("%s: %d new warnings %q in %s, want 1", n.Name, got, want, log)
 				} else if line := lineIn(log, want); !strings.Contains(line, "reason="+tt.reason+" ") {
