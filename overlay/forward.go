@@ -317,6 +317,21 @@ func (fw *forward) remove(ctx context.Context, changed func(op string)) (bool, e
 	return deleted, errors.Join(errs...)
 }
 
+// RemoveForwardRules deletes the overlay's jump and chain from one
+// variant's filter table of one family; for `knit uninstall`. An agent
+// never calls it (a sync removes them when the rules are turned off).
+func RemoveForwardRules(ctx context.Context, tools xtables.Tools, ipv6 bool) error {
+	fam := v4
+	if ipv6 {
+		fam = v6
+	}
+	ipt, err := openFwdIPT(tools, fam)
+	if err != nil {
+		return err
+	}
+	return removeFwd(ctx, ipt)
+}
+
 // removeFwd deletes knit's jump and chain from one table.
 func removeFwd(ctx context.Context, ipt fwdIPT) error {
 	if _, exists, err := ipt.listChain(xtables.ForwardChain); err != nil || !exists {

@@ -5,9 +5,8 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/coreos/go-iptables/iptables"
-
 	"knit.dev/knit/internal/xtables"
+	"knit.dev/knit/overlay"
 	"knit.dev/knit/proxy"
 )
 
@@ -38,42 +37,11 @@ func planIPTables(ctx context.Context) ([]Step, error) {
 			if !bytes.Contains(out, []byte(":"+xtables.ForwardChain+" ")) {
 				continue
 			}
-			proto := iptables.ProtocolIPv4
-			if v6 {
-				proto = iptables.ProtocolIPv6
-			}
 			steps = append(steps, Step{
-				What: fmt.Sprintf("%s chain filter %s and its jump from FORWARD", tools.IPTables, xtables.ForwardChain),
-				apply: func() error {
-					ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(tools.IPTables), iptables.Timeout(5))
-					if err != nil {
-						return err
-					}
-					return removeForwardChain(ipt)
-				},
+				What:  fmt.Sprintf("%s chain filter %s and its jump from FORWARD", tools.IPTables, xtables.ForwardChain),
+				apply: func() error { return overlay.RemoveForwardRules(ctx, tools, v6) },
 			})
 		}
 	}
 	return steps, nil
-}
-
-func removeForwardChain(ipt *iptables.IPTables) error {
-	ok, err := ipt.ChainExists("filter", xtables.ForwardChain)
-	if err != nil || !ok {
-		return err
-	}
-	jump := xtables.ForwardJump()
-	for {
-		there, err := ipt.Exists("filter", "FORWARD", jump...)
-		if err != nil {
-			return err
-		}
-		if !there {
-			break
-		}
-		if err := ipt.Delete("filter", "FORWARD", jump...); err != nil {
-			return err
-		}
-	}
-	return ipt.ClearAndDeleteChain("filter", xtables.ForwardChain)
 }
