@@ -200,17 +200,27 @@ func ownForwardRule(l string) bool {
 // Detect picks the iptables variant: want (Legacy, NFT) if given, else the
 // one in use.
 func (s System) Detect(ctx context.Context, want string) (*Detection, error) {
+	d, _, err := s.detect(ctx, want)
+	return d, err
+}
+
+// detect is Detect, also returning the Usage it read of each variant (an
+// iptables-save of both families each), so that InUse need not read them
+// again.
+func (s System) detect(ctx context.Context, want string) (*Detection, map[string]Usage, error) {
 	d := &Detection{Rules: map[string]int{}}
+	usage := map[string]Usage{}
 	count := func(variant string) {
 		if s.Installed(variant) {
-			d.Rules[variant] = s.Usage(ctx, variant).Rules
+			usage[variant] = s.Usage(ctx, variant)
+			d.Rules[variant] = usage[variant].Rules
 		}
 	}
 	switch want {
 	case Legacy, NFT:
 		if !s.Installed(want) {
 			t := ToolsOf(want, false)
-			return nil, fmt.Errorf("iptables-%s requested but %s, %s or %s is not installed", want, t.IPTables, t.Save, t.Restore)
+			return nil, nil, fmt.Errorf("iptables-%s requested but %s, %s or %s is not installed", want, t.IPTables, t.Save, t.Restore)
 		}
 		d.Variant, d.Why = want, "forced by flag"
 		count(Legacy)
@@ -219,8 +229,9 @@ func (s System) Detect(ctx context.Context, want string) (*Detection, error) {
 		hasLegacy, hasNFT := s.Installed(Legacy), s.Installed(NFT)
 		switch {
 		case hasLegacy && hasNFT:
-			l, n := s.Usage(ctx, Legacy), s.Usage(ctx, NFT)
-			d.Rules[Legacy], d.Rules[NFT] = l.Rules, n.Rules
+			count(Legacy)
+			count(NFT)
+			l, n := usage[Legacy], usage[NFT]
 			switch {
 			case n.Hint:
 				d.Variant, d.Why = NFT, "kubelet's KUBE-IPTABLES-HINT chain is in iptables-nft"
@@ -241,11 +252,11 @@ func (s System) Detect(ctx context.Context, want string) (*Detection, error) {
 		default:
 			// Only plain iptables (many small distributions): ask it.
 			if !s.Installed("") {
-				return nil, errors.New("no iptables found (need iptables, iptables-save and iptables-restore, or their -legacy/-nft variants)")
+				return nil, nil, errors.New("no iptables found (need iptables, iptables-save and iptables-restore, or their -legacy/-nft variants)")
 			}
 			out, err := s.Version(ctx, ToolsOf("", false).IPTables)
 			if err != nil {
-				return nil, fmt.Errorf("iptables --version: %w", err)
+				return nil, nil, fmt.Errorf("iptables --version: %w", err)
 			}
 			d.Plain = true
 			d.Variant, d.Why = Legacy, "plain iptables, legacy by its --version"
@@ -255,10 +266,10 @@ func (s System) Detect(ctx context.Context, want string) (*Detection, error) {
 			d.Rules[d.Variant] = s.Usage(ctx, "").Rules
 		}
 	default:
-		return nil, fmt.Errorf("unknown iptables variant %q (want legacy or nft)", want)
+		return nil, nil, fmt.Errorf("unknown iptables variant %q (want legacy or nft)", want)
 	}
 	d.Mismatch = d.Rules[Legacy] > 0 && d.Rules[NFT] > 0
-	return d, nil
+	return d, usage, nil
 }
 
 // InUse lists the variants whose FORWARD chain must let pod traffic
@@ -268,7 +279,7 @@ func (s System) Detect(ctx context.Context, want string) (*Detection, error) {
 // run. Each comes with the tools to
 // program it. Nil when no iptables is installed.
 func (s System) InUse(ctx context.Context) ([]Detection, error) {
-	d, err := s.Detect(ctx, "")
+	d, usage, err := s.detect(ctx, "")
 	if err != nil {
 		return nil, err
 	}
@@ -280,7 +291,11 @@ func (s System) InUse(ctx context.Context) ([]Detection, error) {
 		if v == d.Variant || !s.Installed(v) {
 			continue
 		}
-		if u := s.Usage(ctx, v); u.NeedsForward() {
+		u, read := usage[v]
+		if !read {
+			u = s.Usage(ctx, v)
+		}
+		if u.NeedsForward() {
 			out = append(out, Detection{Variant: v, Rules: d.Rules, Why: "it holds rules, a FORWARD policy of DROP or knit's chain too"})
 		}
 	}

@@ -136,9 +136,18 @@ func TestInUse(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := fakeSystem(tc.installed, tc.save, "iptables v1.8.9 (legacy)").InUse(context.Background())
+			sys := fakeSystem(tc.installed, tc.save, "iptables v1.8.9 (legacy)")
+			saves := map[string]int{}
+			save := sys.Save
+			sys.Save = func(ctx context.Context, p string) ([]byte, error) { saves[p]++; return save(ctx, p) }
+			got, err := sys.InUse(context.Background())
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err = %v", err)
+			}
+			for p, n := range saves {
+				if n > 1 {
+					t.Errorf("%s ran %d times, want at most once", p, n)
+				}
 			}
 			var variants []string
 			for _, d := range got {
