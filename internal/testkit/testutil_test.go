@@ -23,14 +23,21 @@ func TestStripIPTablesCounters(t *testing.T) {
 	}
 }
 
+// TestSyncBuffer: concurrent writes all land. Enough of them that an
+// unlocked buffer loses some in most runs even without -race (checked:
+// without the lock, 2 of 3 runs failed; ten single writes passed 6 of 6).
 func TestSyncBuffer(t *testing.T) {
 	var b SyncBuffer
 	var wg sync.WaitGroup
 	for i := range 10 {
-		wg.Go(func() { fmt.Fprintf(&b, "%d\n", i) })
+		wg.Go(func() {
+			for range 1000 {
+				fmt.Fprintf(&b, "%d\n", i)
+			}
+		})
 	}
 	wg.Wait()
-	if got := len(b.String()); got != 20 {
-		t.Errorf("%d bytes written, want 20", got)
+	if got := len(b.String()); got != 20000 {
+		t.Errorf("%d bytes written, want 20000", got)
 	}
 }
