@@ -108,7 +108,14 @@ func (t *connTracker) watch(ctx context.Context, addrs func() ([]net.Addr, error
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-		case <-changed:
+		case _, ok := <-changed:
+			if !ok {
+				// The event subscription broke: poll as if there had
+				// never been one.
+				log.Warn("address events stopped; polling local addresses", "every", localAddrPoll)
+				changed = nil
+				tick.Reset(localAddrPoll)
+			}
 		}
 		t.mu.Lock()
 		idle := len(t.conns) == 0
@@ -160,13 +167,16 @@ func ipOf(a net.Addr) netip.Addr {
 func addrDeletions(ctx context.Context, log *slog.Logger) <-chan struct{} {
 	updates := make(chan netlink.AddrUpdate, 64)
 	if err := netlink.AddrSubscribeWithOptions(updates, ctx.Done(), netlink.AddrSubscribeOptions{
-		ErrorCallback: func(err error) { log.Warn("address event subscription failed; polling instead", "err", err) },
+		ErrorCallback: func(err error) { log.Warn("address event subscription failed", "err", err) },
 	}); err != nil {
 		log.Warn("cannot subscribe to address events; polling local addresses every second", "err", err)
 		return nil
 	}
 	out := make(chan struct{}, 1)
 	go func() {
+		// netlink closes updates when the subscription ends (ctx done,
+		// or a socket error): closing out tells the watch to poll.
+		defer close(out)
 		for u := range updates {
 			if !u.NewAddr {
 				select {

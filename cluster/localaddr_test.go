@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -92,14 +93,35 @@ func TestConnTrackerForgetsClosed(t *testing.T) {
 // TestConnTrackerWatch: once the interfaces stop listing the connection's
 // local address, the watch closes it: within about one poll, or at once on
 // an address-deletion event even when the poll is an hour away.
+// TestAddrDeletionsCloses: when the subscription ends, the channel is
+// closed, so that the watch knows to poll (it used to stay open and silent).
+func TestAddrDeletionsCloses(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := addrDeletions(ctx, slog.New(slog.DiscardHandler))
+	if ch == nil {
+		t.Skip("cannot subscribe to address events here")
+	}
+	cancel()
+	select {
+	case _, ok := <-ch:
+		for ok {
+			_, ok = <-ch
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("channel still open 5 s after the subscription ended")
+	}
+}
+
 func TestConnTrackerWatch(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		event bool
+		stop  bool // the events stop (channel closed) after the first
 		poll  time.Duration
 	}{
-		{"poll", false, localAddrPoll},
-		{"deletion event", true, time.Hour},
+		{"poll", false, false, localAddrPoll},
+		{"deletion event", true, false, time.Hour},
+		{"events stop: poll every second", true, true, time.Hour},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := newConnTracker(nil)
@@ -109,7 +131,9 @@ func TestConnTrackerWatch(t *testing.T) {
 			}
 			defer c.Close()
 			moved := make(chan struct{})
+			var calls atomic.Int32
 			addrs := func() ([]net.Addr, error) {
+				calls.Add(1)
 				select {
 				case <-moved:
 					return []net.Addr{&net.IPNet{IP: net.ParseIP("198.18.0.103"), Mask: net.CIDRMask(24, 32)}}, nil
@@ -127,12 +151,18 @@ func TestConnTrackerWatch(t *testing.T) {
 			if tc.event {
 				changed <- struct{}{} // an unrelated address went: nothing to close
 			}
+			if tc.stop {
+				close(changed)
+			}
 			time.Sleep(localAddrPoll + 200*time.Millisecond)
+			if n := calls.Load(); n > 5 {
+				t.Fatalf("%d address listings in %v: the watch spins", n, localAddrPoll+200*time.Millisecond)
+			}
 			if _, err := c.Write([]byte("x")); err != nil {
 				t.Fatalf("closed while its address was there: %v", err)
 			}
 			close(moved)
-			if tc.event {
+			if tc.event && !tc.stop {
 				changed <- struct{}{}
 			}
 			start := time.Now()
