@@ -110,6 +110,9 @@ func (t *connTracker) watch(ctx context.Context, addrs func() ([]net.Addr, error
 		case <-tick.C:
 		case _, ok := <-changed:
 			if !ok {
+				if ctx.Err() != nil {
+					return // shutting down: the subscription ended with ctx
+				}
 				// The event subscription broke: poll as if there had
 				// never been one.
 				log.Warn("address events stopped; polling local addresses", "every", localAddrPoll)
