@@ -121,6 +121,45 @@ func BenchmarkFullSync(b *testing.B) {
 	}
 }
 
+// syncer is what the benchmarks drive: the nft or the iptables backend.
+type syncer interface {
+	sync(ctx context.Context, st *state, changed map[types.NamespacedName]bool, full bool) (syncResult, error)
+}
+
+// benchOneNewService syncs st in full, then times, per iteration, the
+// partial sync of one new Service with benchEndpoints endpoints; it removes
+// the Service again untimed, so that every iteration adds. It returns the
+// slowest partial sync.
+func benchOneNewService(b *testing.B, be syncer, st *state) time.Duration {
+	b.Helper()
+	if _, err := be.sync(context.Background(), st, nil, true); err != nil {
+		b.Fatal(err)
+	}
+	i := 0
+	var worst time.Duration
+	b.ResetTimer()
+	for b.Loop() {
+		name := types.NamespacedName{Namespace: "new", Name: fmt.Sprintf("n%d", i)}
+		st.services[name] = convertService(service("new", name.Name, netip.AddrFrom4([4]byte{10, 43, 200, byte(i % 250)}).String()), nil, quiet)
+		sl := slice("new", name.Name, name.Name+"-1", 8080, eps(benchEndpoints, fmt.Sprintf("10.99.%d", i%250), otherNode))
+		st.endpoints[name] = mergeSlices(map[string]*sliceInfo{"s": convertSlice(sl, thisNode, quiet)})
+		start := time.Now()
+		if _, err := be.sync(context.Background(), st, map[types.NamespacedName]bool{name: true}, false); err != nil {
+			b.Fatal(err)
+		}
+		worst = max(worst, time.Since(start))
+		b.StopTimer()
+		delete(st.services, name)
+		delete(st.endpoints, name)
+		if _, err := be.sync(context.Background(), st, map[types.NamespacedName]bool{name: true}, false); err != nil {
+			b.Fatal(err)
+		}
+		i++
+		b.StartTimer()
+	}
+	return worst
+}
+
 func BenchmarkPartialSyncOneNewService(b *testing.B) {
 	for _, kind := range []string{"render", "fake", "nft"} {
 		b.Run(kind, func(b *testing.B) {
@@ -128,32 +167,7 @@ func BenchmarkPartialSyncOneNewService(b *testing.B) {
 			nft, lister := benchNFT(b, kind)
 			be := newNFTBackend(nft, slog.New(slog.DiscardHandler))
 			be.lister = lister
-			if _, err := be.sync(context.Background(), st, nil, true); err != nil {
-				b.Fatal(err)
-			}
-			i := 0
-			var worst time.Duration
-			b.ResetTimer()
-			for b.Loop() {
-				name := types.NamespacedName{Namespace: "new", Name: fmt.Sprintf("n%d", i)}
-				st.services[name] = convertService(service("new", name.Name, netip.AddrFrom4([4]byte{10, 43, 200, byte(i % 250)}).String()), nil, quiet)
-				sl := slice("new", name.Name, name.Name+"-1", 8080, eps(benchEndpoints, fmt.Sprintf("10.99.%d", i%250), otherNode))
-				st.endpoints[name] = mergeSlices(map[string]*sliceInfo{"s": convertSlice(sl, thisNode, quiet)})
-				start := time.Now()
-				if _, err := be.sync(context.Background(), st, map[types.NamespacedName]bool{name: true}, false); err != nil {
-					b.Fatal(err)
-				}
-				worst = max(worst, time.Since(start))
-				// Remove it again (not timed) so every iteration adds.
-				b.StopTimer()
-				delete(st.services, name)
-				delete(st.endpoints, name)
-				if _, err := be.sync(context.Background(), st, map[types.NamespacedName]bool{name: true}, false); err != nil {
-					b.Fatal(err)
-				}
-				i++
-				b.StartTimer()
-			}
+			worst := benchOneNewService(b, be, st)
 			b.ReportMetric(float64(worst.Microseconds())/1000, "worst-ms")
 		})
 	}

@@ -4,13 +4,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"strconv"
 	"testing"
-	"time"
-
-	"k8s.io/apimachinery/pkg/types"
 )
 
 // Benchmarks of the iptables backend: "render" measures knit's own work
@@ -83,31 +79,7 @@ func BenchmarkIPTablesPartialSyncOneNewService(b *testing.B) {
 		b.Run(kind, func(b *testing.B) {
 			be, n := benchIPT(b, kind)
 			st := benchIPTState(b, n)
-			if _, err := be.sync(context.Background(), st, nil, true); err != nil {
-				b.Fatal(err)
-			}
-			i := 0
-			var worst time.Duration
-			b.ResetTimer()
-			for b.Loop() {
-				name := types.NamespacedName{Namespace: "new", Name: fmt.Sprintf("n%d", i)}
-				st.services[name] = convertService(service("new", name.Name, netip.AddrFrom4([4]byte{10, 43, 200, byte(i % 250)}).String()), nil, quiet)
-				sl := slice("new", name.Name, name.Name+"-1", 8080, eps(benchEndpoints, fmt.Sprintf("10.99.%d", i%250), otherNode))
-				st.endpoints[name] = mergeSlices(map[string]*sliceInfo{"s": convertSlice(sl, thisNode, quiet)})
-				start := time.Now()
-				if _, err := be.sync(context.Background(), st, map[types.NamespacedName]bool{name: true}, false); err != nil {
-					b.Fatal(err)
-				}
-				worst = max(worst, time.Since(start))
-				b.StopTimer()
-				delete(st.services, name)
-				delete(st.endpoints, name)
-				if _, err := be.sync(context.Background(), st, map[types.NamespacedName]bool{name: true}, false); err != nil {
-					b.Fatal(err)
-				}
-				i++
-				b.StartTimer()
-			}
+			worst := benchOneNewService(b, be, st)
 			b.ReportMetric(float64(n), "services")
 			b.ReportMetric(float64(worst.Microseconds())/1000, "worst-ms")
 		})
