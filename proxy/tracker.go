@@ -81,8 +81,7 @@ type endpointTracker struct {
 
 type sliceSet struct {
 	applied map[string]*sliceInfo
-	pending map[string]*sliceInfo // nil value: slice deleted; nil map: none
-	dirty   bool
+	pending map[string]*sliceInfo // nil value: slice deleted; empty: nothing to apply
 }
 
 func newEndpointTracker(now time.Time) *endpointTracker {
@@ -109,14 +108,12 @@ func (t *endpointTracker) update(svc types.NamespacedName, slice string, info *s
 	if (wasApplied && reflect.DeepEqual(applied, info)) || (!wasApplied && info == nil) {
 		// Back to what is applied: nothing to do for this slice.
 		delete(ss.pending, slice)
-		ss.dirty = len(ss.pending) > 0
 		return false
 	}
 	if ss.pending == nil {
 		ss.pending = map[string]*sliceInfo{}
 	}
 	ss.pending[slice] = info
-	ss.dirty = true
 	// Ignore triggers from before we started: they measure the informer's
 	// initial list, not programming latency.
 	if info != nil && !trigger.IsZero() && trigger.After(t.start) {
@@ -140,7 +137,7 @@ func (t *endpointTracker) checkout(endpoints map[types.NamespacedName]portEndpoi
 	defer t.mu.Unlock()
 	changed := map[types.NamespacedName]bool{}
 	for svc, ss := range t.services {
-		if !ss.dirty {
+		if len(ss.pending) == 0 {
 			continue
 		}
 		for name, info := range ss.pending {
@@ -151,7 +148,6 @@ func (t *endpointTracker) checkout(endpoints map[types.NamespacedName]portEndpoi
 			}
 		}
 		ss.pending = nil // a cleared map would keep its size
-		ss.dirty = false
 		eps := mergeSlices(ss.applied)
 		if len(eps) == 0 {
 			delete(endpoints, svc)
