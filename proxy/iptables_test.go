@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 )
 
@@ -121,52 +120,7 @@ func TestIPTablesNodePortAddresses(t *testing.T) {
 func TestIPTablesPartialSyncsEqualFullSync(t *testing.T) {
 	h := newIPTHarness(t, testConfig(), allShapes()...)
 	h.sync()
-	steps := []struct {
-		name string
-		do   func()
-	}{
-		{"add a Service", func() { h.addService(service("ns2", "new", "10.43.1.1", withNodePort(31001))) }},
-		{"its endpoints appear", func() {
-			h.addSlice(slice("ns2", "new", "new-1", 8080, eps(3, "10.42.5", otherNode)))
-		}},
-		{"scale up", func() {
-			h.updateSlice(slice("ns2", "new", "new-1", 8080, eps(inlineEndpointsMax+5, "10.42.5", otherNode)))
-		}},
-		{"change one endpoint", func() {
-			e := eps(inlineEndpointsMax+5, "10.42.5", otherNode)
-			e[3].ip = "10.42.6.3"
-			h.updateSlice(slice("ns2", "new", "new-1", 8080, e))
-		}},
-		{"scale down to one", func() {
-			h.updateSlice(slice("ns2", "new", "new-1", 8080, eps(1, "10.42.5", otherNode)))
-		}},
-		{"affinity endpoint goes away", func() {
-			h.updateSlice(slice("ns1", "sticky", "sticky-1", 8080, []ep{{ip: "10.42.2.15", node: otherNode}}))
-		}},
-		{"affinity timeout changes", func() {
-			h.updateService(service("ns1", "sticky", "10.43.0.30", withAffinity(60)))
-		}},
-		{"affinity timeout and policy change at once", func() {
-			h.updateService(service("ns1", "sticky", "10.43.0.30", withAffinity(30), withITPLocal))
-			h.updateSlice(slice("ns1", "sticky", "sticky-1", 8080, []ep{{ip: "10.42.2.15", node: otherNode}, {ip: "10.42.1.15", node: thisNode}}))
-		}},
-		{"ETP Local gains a local endpoint", func() {
-			h.updateSlice(slice("ns1", "lbr", "lbr-1", 8080, []ep{{ip: "10.42.2.13", node: otherNode}, {ip: "10.42.1.13", node: thisNode}}))
-		}},
-		{"all endpoints removed", func() { h.deleteSlice("ns1", "web-1") }},
-		{"a Service deleted", func() { h.deleteService("ns1", "np") }},
-		{"a dual-stack Service deleted", func() { h.deleteService("ns1", "dual") }},
-		{"source ranges change", func() {
-			s := service("ns1", "fw", "10.43.0.37", withLoadBalancer(30037, 0, "192.0.2.37"))
-			s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/28"}
-			h.updateService(s)
-		}},
-		{"ClusterIP becomes headless-like (type ExternalName)", func() {
-			s := service("ns1", "one", "10.43.0.21")
-			s.Spec.Type = corev1.ServiceTypeExternalName
-			h.updateService(s)
-		}},
-	}
+	steps := partialSyncSteps(h.harness)
 	for _, st := range steps {
 		m := h.mark()
 		st.do()

@@ -112,16 +112,17 @@ func (h *harness) settle() {
 	}
 }
 
-// TestPartialSyncsEqualFullSync: after any series of changes applied by
-// partial syncs, the table is exactly what a full sync of the final state
-// renders in a fresh table. This is what makes partial syncs safe.
-func TestPartialSyncsEqualFullSync(t *testing.T) {
-	h := newHarness(t, testConfig(), nil, allShapes()...)
-	h.sync()
-	steps := []struct {
-		name string
-		do   func()
-	}{
+// partialSyncStep is one change in the PartialSyncsEqualFullSync tests.
+type partialSyncStep struct {
+	name string
+	do   func()
+}
+
+// partialSyncSteps are the changes, made through the API of h (loaded with
+// allShapes), that the PartialSyncsEqualFullSync tests of both backends
+// apply one partial sync at a time.
+func partialSyncSteps(h *harness) []partialSyncStep {
+	return []partialSyncStep{
 		{"add a Service", func() { h.addService(service("ns2", "new", "10.43.1.1", withNodePort(31001))) }},
 		{"its endpoints appear", func() {
 			h.addSlice(slice("ns2", "new", "new-1", 8080, eps(3, "10.42.5", otherNode)))
@@ -152,6 +153,12 @@ func TestPartialSyncsEqualFullSync(t *testing.T) {
 		}},
 		{"all endpoints removed", func() { h.deleteSlice("ns1", "web-1") }},
 		{"a Service deleted", func() { h.deleteService("ns1", "np") }},
+		{"a dual-stack Service deleted", func() { h.deleteService("ns1", "dual") }},
+		{"source ranges change", func() {
+			s := service("ns1", "fw", "10.43.0.37", withLoadBalancer(30037, 0, "192.0.2.37"))
+			s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/28"}
+			h.updateService(s)
+		}},
 		{"externalIP conflict", func() { h.addService(service("ns2", "clash", "10.43.1.2", withExternalIPs("192.0.2.26"))) }},
 		{"conflict winner deleted", func() { h.deleteService("ns1", "ext") }},
 		{"ClusterIP becomes headless-like (type ExternalName)", func() {
@@ -160,6 +167,15 @@ func TestPartialSyncsEqualFullSync(t *testing.T) {
 			h.updateService(s)
 		}},
 	}
+}
+
+// TestPartialSyncsEqualFullSync: after any series of changes applied by
+// partial syncs, the table is exactly what a full sync of the final state
+// renders in a fresh table. This is what makes partial syncs safe.
+func TestPartialSyncsEqualFullSync(t *testing.T) {
+	h := newHarness(t, testConfig(), nil, allShapes()...)
+	h.sync()
+	steps := partialSyncSteps(h)
 	for _, st := range steps {
 		st.do()
 		h.sync()
