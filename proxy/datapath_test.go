@@ -37,18 +37,7 @@ func TestKernelDataPath(t *testing.T) {
 	t.Cleanup(func() { _ = netlink.RouteDel(def) })
 
 	// The server answers with the address it sees the client as.
-	ln := inNS(t, server, func() (net.Listener, error) { return net.Listen("tcp", "10.42.2.2:8080") })
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = c.Write([]byte(c.RemoteAddr().(*net.TCPAddr).IP.String() + "\n"))
-			c.Close()
-		}
-	}()
+	serveClientAddr(t, server, "10.42.2.2:8080", "")
 
 	nft, lister, err := newNFT()
 	if err != nil {
@@ -128,6 +117,27 @@ func TestKernelDataPath(t *testing.T) {
 	if got := askUDP(uc); got != other {
 		t.Errorf("after %s left the Service, the flow still goes to %q; want %s (stale conntrack entry not deleted)", first, got, other)
 	}
+}
+
+// serveClientAddr listens on TCP addr in ns and answers every connection
+// with prefix and the address it sees the client as, until the test ends.
+func serveClientAddr(t *testing.T, ns netns.NsHandle, addr, prefix string) {
+	t.Helper()
+	ln := inNS(t, ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
+	if ln == nil {
+		return
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write([]byte(prefix + c.RemoteAddr().(*net.TCPAddr).IP.String() + "\n"))
+			c.Close()
+		}
+	}()
 }
 
 // serveUDPName listens on ip:5353 in ns and answers every datagram with

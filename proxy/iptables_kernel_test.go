@@ -174,18 +174,7 @@ func TestIPTablesKernelDataPath(t *testing.T) {
 
 	// Each server answers "<its address> <the client address it sees>".
 	for _, ip := range []string{"10.42.2.2", "10.42.2.3"} {
-		ln := inNS(t, server, func() (net.Listener, error) { return net.Listen("tcp", ip+":8080") })
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				_, _ = c.Write([]byte(ip + " " + c.RemoteAddr().(*net.TCPAddr).IP.String() + "\n"))
-				c.Close()
-			}
-		}()
+		serveClientAddr(t, server, ip+":8080", ip+" ")
 		serveUDPName(t, server, ip)
 	}
 
@@ -546,18 +535,7 @@ func TestIPTablesKernelDataPathIPv6(t *testing.T) {
 	must(t, netlink.RouteReplace(def))
 	t.Cleanup(func() { _ = netlink.RouteDel(def) })
 
-	ln := inNS(t, server, func() (net.Listener, error) { return net.Listen("tcp", "[fd42:0:0:2::2]:8080") })
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = c.Write([]byte(c.RemoteAddr().(*net.TCPAddr).IP.String() + "\n"))
-			c.Close()
-		}
-	}()
+	serveClientAddr(t, server, "[fd42:0:0:2::2]:8080", "")
 
 	objs := []runtime.Object{
 		service("ns1", "dual", "10.43.0.40", withClusterIPs("10.43.0.40", "fd43::40")),
