@@ -216,9 +216,16 @@ func TestLoadBalancer(t *testing.T) {
 			t.Errorf("outside -> node3 after the move: %+v %v", r, err)
 		}
 		// node1 is no longer an address of the Service: nothing answers
-		// there (that port has no rule and no listener).
-		if r, err := httpEcho(outsideNetns, hostport(n1.IP, lbPort)); err == nil {
-			t.Errorf("outside -> node1 after the move answered: %+v", r)
+		// there (that port has no rule and no listener) once node1's proxy
+		// has synced the status change (it syncs at most every 100 ms; the
+		// deleted pod may still be serving until then).
+		if err := eventually(2*time.Second, func() error {
+			if r, err := httpEcho(outsideNetns, hostport(n1.IP, lbPort)); err == nil {
+				return fmt.Errorf("answered: %+v", r)
+			}
+			return nil
+		}); err != nil {
+			t.Errorf("outside -> node1 after the move: %v", err)
 		}
 	})
 
